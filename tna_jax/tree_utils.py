@@ -1,0 +1,31 @@
+"""Small pure helpers over parameter pytrees: stable path names and per-leaf keys."""
+
+import zlib
+from typing import Any
+
+import jax
+
+PyTree = Any
+
+
+def path_str(path: tuple) -> str:
+  """'Dense_0/kernel' for a flax params path; stable across processes and runs."""
+  parts = []
+  for entry in path:
+    for attr in ("key", "name", "idx"):
+      if hasattr(entry, attr):
+        parts.append(str(getattr(entry, attr)))
+        break
+    else:
+      parts.append(str(entry))
+  return "/".join(parts)
+
+
+def path_key(key: jax.Array, path: str) -> jax.Array:
+  """A key for one leaf, derived from its path with crc32 (never `hash()`, which is salted)."""
+  return jax.random.fold_in(key, zlib.crc32(path.encode()) & 0x7FFFFFFF)
+
+
+def map_with_path_str(fn, tree: PyTree, *rest: PyTree) -> PyTree:
+  """tree_map where `fn(path_str, leaf, *rest_leaves)` also gets the leaf's path string."""
+  return jax.tree_util.tree_map_with_path(lambda p, x, *r: fn(path_str(p), x, *r), tree, *rest)
