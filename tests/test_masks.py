@@ -1,0 +1,126 @@
+"""Masks are reproducible and have the requested fraction; frozen entries never move."""
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+import optax
+import pytest
+
+from tna_jax import masks, optim
+from tna_jax.errors import ConfigError
+
+
+def _params(key=0):
+  k1, k2, k3 = jax.random.split(jax.random.key(key), 3)
+  return {
+      "Dense_0": {"kernel": jax.random.normal(k1, (300, 400)), "bias": jnp.zeros(400)},
+      "Dense_1": {"kernel": jax.random.normal(k2, (400, 500)), "bias": jax.random.normal(k3, (500,))},
+  }
+
+
+def test_mask_fraction_matches_request():
+  for fraction in (0.0, 0.1, 0.4, 0.9):
+    mask = masks.fixed_mask(_params(), fraction, seed=3)
+    assert masks.fraction_fixed(mask) == pytest.approx(fraction, abs=0.005)
+
+
+def test_mask_is_reproducible_and_depends_on_seed_and_path_not_leaf_order():
+  params = _params()
+  a = masks.fixed_mask(params, 0.4, seed=1)
+  b = masks.fixed_mask(params, 0.4, seed=1)
+  c = masks.fixed_mask(params, 0.4, seed=2)
+  jax.tree.map(np.testing.assert_array_equal, a, b)
+  assert not np.array_equal(a["Dense_0"]["kernel"], c["Dense_0"]["kernel"])
+  # The same leaf path gives the same draw whatever else is in the tree.
+  alone = masks.fixed_mask({"Dense_1": params["Dense_1"]}, 0.4, seed=1)
+  np.testing.assert_array_equal(alone["Dense_1"]["kernel"], a["Dense_1"]["kernel"])
+  # Different leaves of the same shape get different draws.
+  twins = masks.fixed_mask({"x": jnp.zeros(1000), "y": jnp.zeros(1000)}, 0.5, seed=1)
+  assert not np.array_equal(twins["x"], twins["y"])
+
+
+@pytest.mark.parametrize("bad", [1.0, -0.1, 1.5])
+def test_fixed_fraction_out_of_range_is_a_clear_error(bad):
+  with pytest.raises(ConfigError, match=r"fixed_fraction=.*0 <= fixed_fraction < 1"):
+    masks.fixed_mask(_params(), bad, seed=0)
+
+
+def test_neuron_granularity_fixes_whole_units_across_kernel_and_bias():
+  params = _params()
+  mask = masks.fixed_mask(params, 0.5, seed=0, granularity="neuron")
+  for layer in ("Dense_0", "Dense_1"):
+    kernel, bias = np.asarray(mask[layer]["kernel"]), np.asarray(mask[layer]["bias"])
+    assert (kernel == kernel[:1]).all(), "a unit's column must be all fixed or all free"
+    np.testing.assert_array_equal(kernel[0], bias)
+    assert 0.35 < bias.mean() < 0.65
+  with pytest.raises(ConfigError, match="granularity='channel'.*weight, neuron"):
+    masks.fixed_mask(params, 0.5, seed=0, granularity="channel")
+
+
+def test_include_and_exclude_select_leaves_by_path():
+  params = _params()
+  only_kernels = masks.fixed_mask(params, 0.5, seed=0, include="kernel")
+  assert not np.asarray(only_kernels["Dense_1"]["bias"]).any()
+  assert np.asarray(only_kernels["Dense_1"]["kernel"]).any()
+  no_first = masks.fixed_mask(params, 0.5, seed=0, exclude=r"^Dense_0/")
+  assert not np.asarray(no_first["Dense_0"]["kernel"]).any()
+  np.testing.assert_array_equal(no_first["Dense_1"]["kernel"], only_kernels["Dense_1"]["kernel"])
+  with pytest.raises(ConfigError, match="include='\\('"):
+    masks.fixed_mask(params, 0.5, seed=0, include="(")
+
+
+def test_reverse_and_prune():
+  params = _params()
+  mask = masks.fixed_mask(params, 0.3, seed=0)
+  assert masks.fraction_fixed(masks.reverse(mask)) == pytest.approx(1 - masks.fraction_fixed(mask))
+  pruned = masks.prune(params, mask)
+  for p, q, m in zip(jax.tree.leaves(params), jax.tree.leaves(pruned), jax.tree.leaves(mask)):
+    assert (np.asarray(q)[np.asarray(m)] == 0).all()
+    np.testing.assert_array_equal(np.asarray(q)[~np.asarray(m)], np.asarray(p)[~np.asarray(m)])
+
+
+def _opt(name, **kw):
+  cfg = dict(name=name, learning_rate=0.05, momentum=0.9, weight_decay=5e-2, schedule="cosine", warmup_steps=5)
+  cfg.update(kw)
+  return optim.make_optimizer(ml_collections.ConfigDict(cfg), total_steps=200)
+
+
+@pytest.mark.parametrize("name,nesterov", [("sgd", False), ("sgd", True), ("adam", False), ("adamw", False)])
+def test_frozen_entries_stay_bit_identical_under_momentum_and_weight_decay(name, nesterov):
+  params = _params()
+  mask = masks.fixed_mask(params, 0.4, seed=7)
+  tx = _opt(name, nesterov=nesterov)
+
+  @jax.jit
+  def run(params):
+    def step(carry, key):
+      params, state = carry
+      grads = jax.tree.map(lambda p: jax.random.normal(key, p.shape), params)
+      updates, state = tx.update(grads, state, params, fixed_mask=mask)
+      return (optax.apply_updates(params, updates), state), None
+    (params, _), _ = jax.lax.scan(step, (params, tx.init(params)), jax.random.split(jax.random.key(1), 200))
+    return params
+
+  trained = run(params)
+  for before, after, m in zip(jax.tree.leaves(params), jax.tree.leaves(trained), jax.tree.leaves(mask)):
+    before, after, m = np.asarray(before), np.asarray(after), np.asarray(m)
+    np.testing.assert_array_equal(before[m].view(np.uint32), after[m].view(np.uint32))
+    assert (before[~m] != after[~m]).mean() > 0.99, "trainable entries must move"
+
+
+def test_update_without_mask_fails_instead_of_training_everything():
+  params = _params()
+  tx = _opt("sgd")
+  with pytest.raises(TypeError, match="fixed_mask"):
+    tx.update(params, tx.init(params), params)
+
+
+@pytest.mark.parametrize("cfg,match", [
+    (dict(name="rmsprop"), "optimizer.name='rmsprop'.*sgd, adam, adamw"),
+    (dict(name="sgd", schedule="linear"), "optimizer.schedule='linear'.*constant, cosine"),
+    (dict(name="sgd", learning_rate=0.0), "learning_rate=0.0 must be > 0"),
+])
+def test_bad_optimizer_config_is_a_clear_error(cfg, match):
+  with pytest.raises(ConfigError, match=match):
+    _opt(**cfg)

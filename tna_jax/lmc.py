@@ -1,0 +1,107 @@
+"""Linear mode connectivity: interpolation curves and barriers.
+
+A whole curve is ONE compiled call: vmap over interpolation coefficients of a scan over
+test batches (in chunks of alphas when memory is tight), instead of a Python loop that
+re-enters the device once per alpha and batch.
+"""
+
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from tna_jax import data, evaluate
+
+PyTree = Any
+BN_MODES = ("raw", "reset")
+
+
+def interpolate(tree_a: PyTree, tree_b: PyTree, alpha: jax.Array) -> PyTree:
+  """(1 - alpha) * a + alpha * b for every leaf (params and BatchNorm statistics alike)."""
+  return jax.tree.map(lambda a, b: (1 - alpha) * a + alpha * b, tree_a, tree_b)
+
+
+def reestimate_batch_stats(model, variables: dict, images: jax.Array, mean, std) -> PyTree:
+  """BatchNorm running statistics recomputed for `variables` from training batches.
+
+  Each BN layer's statistics become the average over `images` [S, B, ...] of the batch
+  statistics, which is what interpolated weights need: the interpolated running stats of
+  the endpoints are known to be wrong for the interpolated network (REPAIR). Uses
+  `model.clone(bn_momentum=0.0)`, so every batch's train-mode pass returns that batch's
+  statistics exactly.
+  """
+  probe = model.clone(bn_momentum=0.0)
+
+  def step(total, batch):
+    _, updated = probe.apply(variables, data.normalize(batch, mean, std), train=True, mutable=["batch_stats"])
+    return jax.tree.map(jnp.add, total, updated["batch_stats"]), None
+
+  zeros = jax.tree.map(jnp.zeros_like, variables["batch_stats"])
+  total, _ = jax.lax.scan(step, zeros, images)
+  return jax.tree.map(lambda t: t / images.shape[0], total)
+
+
+def lmc_curve(model, variables_a: dict, variables_b: dict, alphas: jax.Array, batches: evaluate.Batches, mean,
+              std, *, bn_mode: str = "raw", reset_images: jax.Array | None = None,
+              alpha_chunk: int = 0) -> dict[str, jax.Array]:
+  """Test loss and accuracy at every alpha of the segment from model a to model b.
+
+  Args:
+    model: the flax module of both models.
+    variables_a, variables_b: their variables ({'params', maybe 'batch_stats'}).
+    alphas: [A] interpolation coefficients (0 = model a, 1 = model b).
+    batches: the evaluation split (`evaluate.make_batches`).
+    mean, std: normalization of the uint8 images.
+    bn_mode: 'raw' interpolates BatchNorm statistics like any other leaf (the authors'
+      protocol); 'reset' re-estimates them for every alpha on `reset_images`.
+    reset_images: uint8 [S, B, H, W, C] training batches for bn_mode='reset'.
+    alpha_chunk: alphas evaluated at once; 0 means all of them in one vmap.
+
+  Returns:
+    {'loss': [A], 'accuracy': [A]}.
+  """
+  if bn_mode not in BN_MODES:
+    raise ValueError(f"bn_mode={bn_mode!r}; allowed: {BN_MODES}")
+  if bn_mode == "reset" and reset_images is None:
+    raise ValueError("bn_mode='reset' needs reset_images")
+  return _curve(model, bn_mode, alpha_chunk, variables_a, variables_b, alphas, batches, mean, std, reset_images)
+
+
+@jax.jit(static_argnums=(0, 1, 2, 7, 8))
+def _curve(model, bn_mode, alpha_chunk, variables_a, variables_b, alphas, batches, mean, std, reset_images):
+  apply_fn = evaluate.inference_fn(model)
+
+  def at_alpha(alpha):
+    variables = interpolate(variables_a, variables_b, alpha)
+    if bn_mode == "reset" and "batch_stats" in variables:
+      variables = {**variables, "batch_stats": reestimate_batch_stats(model, variables, reset_images, mean, std)}
+    return evaluate.evaluate(apply_fn, variables, batches, mean, std)
+
+  if alpha_chunk and alpha_chunk < alphas.shape[0]:
+    return jax.lax.map(at_alpha, alphas, batch_size=alpha_chunk)
+  return jax.vmap(at_alpha)(alphas)
+
+
+def barriers(alphas: np.ndarray, loss: np.ndarray, accuracy: np.ndarray) -> dict[str, float]:
+  """Barriers of one curve, measured against the straight line between its endpoints.
+
+  loss_barrier: max_alpha L(alpha) - ((1 - alpha) L(0) + alpha L(1)).
+  accuracy_barrier_pp: max_alpha of the accuracy drop below the endpoints' line, in
+    percentage points.
+  accuracy_barrier_rel: the paper's relative form, that drop divided by the line's
+    accuracy at the arg-max.
+  Endpoints are taken as the first and last entries, so `alphas` must run from 0 to 1.
+  """
+  alphas, loss, accuracy = (np.asarray(v, np.float64) for v in (alphas, loss, accuracy))
+  line_loss = (1 - alphas) * loss[0] + alphas * loss[-1]
+  line_acc = (1 - alphas) * accuracy[0] + alphas * accuracy[-1]
+  drop = line_acc - accuracy
+  worst = int(np.argmax(drop))
+  return {
+      "loss_barrier": float(np.max(loss - line_loss)),
+      "accuracy_barrier_pp": float(100 * drop[worst]),
+      "accuracy_barrier_rel": float(drop[worst] / line_acc[worst]) if line_acc[worst] > 0 else 0.0,
+      "loss_barrier_alpha": float(alphas[int(np.argmax(loss - line_loss))]),
+      "accuracy_barrier_alpha": float(alphas[worst]),
+  }

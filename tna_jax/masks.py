@@ -1,0 +1,128 @@
+"""TNA-PFN masks: which parameter entries stay fixed at their initial values.
+
+A mask is a pytree of booleans shaped like the params, True where the entry is held fixed.
+Every model that will be fused is trained with the same mask and the same initialization,
+so the fixed entries act as anchors that keep the models in one permutation subspace.
+
+The mask reaches the optimizer as an argument of each update (`freeze`), never as a
+constant compiled into the step, so one compiled program serves any mask: vanilla (all
+False), TNA-PFN, its reverse (FedPNU) or many masks vmapped side by side.
+"""
+
+import re
+from typing import Any, NamedTuple
+
+import jax
+import jax.numpy as jnp
+import optax
+
+from tna_jax import tree_utils
+from tna_jax.errors import ConfigError, check_choice
+
+PyTree = Any
+GRANULARITIES = ("weight", "neuron")
+
+
+def fixed_mask(
+    params: PyTree,
+    fixed_fraction: float,
+    *,
+    seed: int,
+    granularity: str = "weight",
+    include: str = "",
+    exclude: str = "",
+) -> PyTree:
+  """Draws the mask of entries held fixed (True) at their initial values.
+
+  Args:
+    params: the parameter pytree the mask is for (only shapes and paths are used).
+    fixed_fraction: probability that an eligible entry (or neuron) is fixed, in [0, 1).
+      The paper's "mask ratio", 0.4 by default there.
+    seed: the mask seed; each leaf's key is derived from it and the leaf's path, so the
+      same config gives the same mask in any process, whatever the leaf order.
+    granularity: 'weight' fixes single entries (the paper); 'neuron' fixes whole output
+      units: every parameter of a module indexed by the unit on its last axis (kernel
+      columns, bias, norm scale) shares one draw per unit.
+    include: regex; when set, only leaves whose path ('Dense_0/kernel') matches it are
+      eligible.
+    exclude: regex; leaves whose path matches it are never fixed.
+
+  Returns:
+    A pytree of bool arrays with the structure and shapes of `params`.
+  """
+  if not 0.0 <= fixed_fraction < 1.0:
+    raise ConfigError(f"mask fixed_fraction={fixed_fraction!r} is out of range; allowed: 0 <= fixed_fraction < 1.")
+  check_choice("mask.granularity", granularity, GRANULARITIES)
+  include_re, exclude_re = _compile(include, "include"), _compile(exclude, "exclude")
+  root = jax.random.key(seed)
+
+  def leaf_mask(path: str, leaf: jax.Array) -> jax.Array:
+    eligible = (include_re is None or include_re.search(path)) and not (exclude_re and exclude_re.search(path))
+    if not eligible or fixed_fraction == 0.0:
+      return jnp.zeros(leaf.shape, bool)
+    if granularity == "neuron" and leaf.ndim >= 1:
+      module_path = path.rsplit("/", 1)[0]
+      per_unit = jax.random.bernoulli(tree_utils.path_key(root, module_path), fixed_fraction, leaf.shape[-1:])
+      return jnp.broadcast_to(per_unit, leaf.shape)
+    return jax.random.bernoulli(tree_utils.path_key(root, path), fixed_fraction, leaf.shape)
+
+  return tree_utils.map_with_path_str(leaf_mask, params)
+
+
+def _compile(pattern: str, what: str) -> re.Pattern | None:
+  if not pattern:
+    return None
+  try:
+    return re.compile(pattern)
+  except re.error as e:
+    raise ConfigError(f"mask.{what}={pattern!r} is not a valid regular expression: {e}.") from None
+
+
+def no_mask(params: PyTree) -> PyTree:
+  """The all-False mask: vanilla training through the same compiled program."""
+  return jax.tree.map(lambda p: jnp.zeros(p.shape, bool), params)
+
+
+def reverse(mask: PyTree) -> PyTree:
+  """Swaps fixed and trainable entries (FedPNU's second half of local training)."""
+  return jax.tree.map(jnp.logical_not, mask)
+
+
+def fraction_fixed(mask: PyTree) -> float:
+  """Fraction of all entries that the mask holds fixed."""
+  leaves = jax.tree.leaves(mask)
+  return float(sum(jnp.sum(m) for m in leaves) / max(1, sum(m.size for m in leaves)))
+
+
+def prune(params: PyTree, mask: PyTree) -> PyTree:
+  """Zeroes the masked entries: the paper's random-pruning-at-initialization baseline.
+
+  Trained with the same mask through `freeze`, the pruned entries stay exactly zero.
+  """
+  return jax.tree.map(lambda p, m: jnp.where(m, jnp.zeros_like(p), p), params, mask)
+
+
+class FreezeState(NamedTuple):
+  """`freeze` keeps no state: the mask comes with every update."""
+
+
+def freeze() -> optax.GradientTransformationExtraArgs:
+  """Zeroes the update of every entry the mask holds fixed.
+
+  Put it LAST in the optimizer chain, after momentum, weight decay and the learning rate:
+  then nothing upstream can move a fixed entry, and `optax.apply_updates` adds exactly 0,
+  so fixed entries stay bit-identical to their initial values. The mask is passed to each
+  update as `fixed_mask=` (a bool pytree like the params, True = fixed); an update without
+  it fails instead of silently training everything.
+  """
+
+  def init_fn(params):
+    del params
+    return FreezeState()
+
+  def update_fn(updates, state, params=None, *, fixed_mask, **extra_args):
+    del params, extra_args
+    updates = jax.tree.map(lambda u, m: jnp.where(m, jnp.zeros_like(u), u), updates, fixed_mask)
+    return updates, state
+
+  return optax.GradientTransformationExtraArgs(init_fn, update_fn)

@@ -1,0 +1,146 @@
+"""Training K models side by side as one vmapped, compiled program.
+
+The models of one experiment share the initialization and the mask (or differ in them, as
+vanilla vs TNA-PFN vs pruning) and differ in data order. Everything an epoch needs lives on
+the device: the uint8 training set, the shuffle (a permutation per model and epoch), the
+normalization and augmentation, so one epoch is one call: vmap over models of a scan over
+steps.
+"""
+
+import time
+from typing import Any, Callable
+
+import flax.struct
+import jax
+import jax.numpy as jnp
+import optax
+
+from tna_jax import data
+
+PyTree = Any
+
+
+class TrainState(flax.struct.PyTreeNode):
+  """One model's training state. `fixed` is its TNA-PFN mask (all False for vanilla)."""
+
+  params: PyTree
+  batch_stats: PyTree  # {} for models without BatchNorm
+  opt_state: optax.OptState
+  fixed: PyTree
+
+  @property
+  def variables(self) -> dict:
+    """The flax variables for `model.apply`."""
+    return {"params": self.params, **({"batch_stats": self.batch_stats} if self.batch_stats else {})}
+
+
+def init_train_state(tx: optax.GradientTransformation, variables: dict, fixed: PyTree) -> TrainState:
+  """Optimizer state for `variables` (as returned by `models.init_variables`)."""
+  params = variables["params"]
+  return TrainState(params=params, batch_stats=variables.get("batch_stats", {}), opt_state=tx.init(params),
+                    fixed=fixed)
+
+
+def train_step(model, tx: optax.GradientTransformationExtraArgs, state: TrainState, images: jax.Array,
+               labels: jax.Array) -> tuple[TrainState, dict[str, jax.Array]]:
+  """One SGD step on a float batch; the mask reaches the optimizer's last transform."""
+
+  def loss_fn(params):
+    variables = {"params": params, **({"batch_stats": state.batch_stats} if state.batch_stats else {})}
+    if state.batch_stats:
+      logits, updated = model.apply(variables, images, train=True, mutable=["batch_stats"])
+      batch_stats = updated["batch_stats"]
+    else:
+      logits, batch_stats = model.apply(variables, images, train=True), state.batch_stats
+    loss = optax.softmax_cross_entropy_with_integer_labels(logits.astype(jnp.float32), labels).mean()
+    return loss, (logits, batch_stats)
+
+  (loss, (logits, batch_stats)), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params)
+  updates, opt_state = tx.update(grads, state.opt_state, state.params, fixed_mask=state.fixed)
+  state = state.replace(params=optax.apply_updates(state.params, updates), batch_stats=batch_stats,
+                        opt_state=opt_state)
+  accuracy = jnp.mean(jnp.argmax(logits, -1) == labels)
+  return state, {"loss": loss, "accuracy": accuracy}
+
+
+def make_epoch_fn(model, tx: optax.GradientTransformationExtraArgs, *, batch_size: int, mean, std,
+                  flip: bool = False, crop_padding: int = 0) -> Callable:
+  """`epoch(state, key, train_images, train_labels) -> (state, metrics)` for ONE model.
+
+  `key` decides this model's data order (and augmentation) for this epoch; the last
+  incomplete batch is dropped so every step has the same shape. vmap it over models.
+  """
+  augment = flip or crop_padding > 0
+
+  def epoch(state: TrainState, key: jax.Array, train_images: jax.Array, train_labels: jax.Array):
+    n = train_images.shape[0]
+    steps = n // batch_size
+    order_key, augment_key = jax.random.split(key)
+    order = jax.random.permutation(order_key, n)[:steps * batch_size].reshape(steps, batch_size)
+
+    def step(state, xs):
+      idx, step_index = xs
+      images = data.normalize(train_images[idx], mean, std)
+      if augment:
+        images = data.augment(jax.random.fold_in(augment_key, step_index), images, flip, crop_padding)
+      return train_step(model, tx, state, images, train_labels[idx])
+
+    state, metrics = jax.lax.scan(step, state, (order, jnp.arange(steps)))
+    return state, jax.tree.map(jnp.mean, metrics)
+
+  return epoch
+
+
+def stack(trees: list[PyTree]) -> PyTree:
+  """Stacks pytrees of equal structure along a new leading (model) axis."""
+  return jax.tree.map(lambda *xs: jnp.stack(xs), *trees)
+
+
+def unstack(tree: PyTree, k: int) -> PyTree:
+  """The k-th model of a stacked pytree."""
+  return jax.tree.map(lambda x: x[k], tree)
+
+
+def epoch_keys(data_seeds, epoch: int) -> jax.Array:
+  """Per-model keys for one epoch, derived from each model's data seed."""
+  return jnp.stack([jax.random.fold_in(jax.random.key(s), epoch) for s in data_seeds])
+
+
+def fit(model, tx: optax.GradientTransformationExtraArgs, states: TrainState, data_seeds: list[int],
+        dataset: "data.Dataset", *, num_epochs: int, batch_size: int, eval_batch_size: int, flip: bool = False,
+        crop_padding: int = 0, on_epoch: Callable[[dict], None] | None = None,
+        progress: bool = True) -> tuple[TrainState, list[dict]]:
+  """Trains the K stacked `states` for `num_epochs`; model k sees data order `data_seeds[k]`.
+
+  One compiled call per epoch trains all K models, and a second evaluates all of them on
+  the test set. Returns the trained states and one metrics record per epoch, each value a
+  list over the K models; `on_epoch` sees each record as it is made.
+  """
+  from tqdm import tqdm  # pylint: disable=g-import-not-at-top
+  from tna_jax import evaluate  # pylint: disable=g-import-not-at-top
+
+  if batch_size > len(dataset.train_labels):
+    raise ValueError(f"batch_size={batch_size} exceeds the {len(dataset.train_labels)} training examples")
+  epoch_fn = make_epoch_fn(model, tx, batch_size=batch_size, mean=dataset.mean, std=dataset.std, flip=flip,
+                           crop_padding=crop_padding)
+  train_epochs = jax.jit(jax.vmap(epoch_fn, in_axes=(0, 0, None, None)), donate_argnums=0)
+  apply_fn = evaluate.inference_fn(model)
+  evaluate_all = jax.jit(jax.vmap(lambda v, b: evaluate.evaluate(apply_fn, v, b, dataset.mean, dataset.std),
+                                  in_axes=(0, None)))
+  train_images, train_labels = jnp.asarray(dataset.train_images), jnp.asarray(dataset.train_labels)
+  test_batches = evaluate.make_batches(dataset.test_images, dataset.test_labels, eval_batch_size)
+  history = []
+  bar = tqdm(range(num_epochs), desc="train", unit="epoch", disable=not progress, dynamic_ncols=True)
+  for epoch in bar:
+    start = time.perf_counter()
+    states, train_metrics = train_epochs(states, epoch_keys(data_seeds, epoch), train_images, train_labels)
+    test_metrics = evaluate_all(states.variables, test_batches)
+    record = {"epoch": epoch + 1, "seconds": 0.0}
+    record.update({f"train_{k}": v for k, v in jax.device_get(train_metrics).items()})
+    record.update({f"test_{k}": v for k, v in jax.device_get(test_metrics).items()})
+    record["seconds"] = time.perf_counter() - start
+    history.append(record)
+    bar.set_postfix(test_acc=" ".join(f"{a:.3f}" for a in record["test_accuracy"]))
+    if on_epoch:
+      on_epoch(record)
+  return states, history
