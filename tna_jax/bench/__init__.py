@@ -1,0 +1,11 @@
+"""Benchmarks that print ratios measured in one run: this library vs a baseline on the same
+work, on the same machine, in the same process.
+
+Each figure is a function `figure(quick: bool) -> dict` registered in FIGURES by name as
+'module:function'; the dict holds at least `value` (the ratio), `target` (a string such as
+'>= 5' or '<= 1.03', or None) and whatever absolute numbers explain it.
+"""
+
+FIGURES: dict[str, str] = {
+    # name: "tna_jax.bench.<module>:<function>"
+}
