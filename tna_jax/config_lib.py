@@ -18,7 +18,7 @@ def lmc_config() -> ml_collections.ConfigDict:
   config.num_train = 0  # 0 = all training examples; n = the first n (quick runs)
   config.num_test = 0
 
-  config.model = ml_collections.ConfigDict(dict(name="mlp", depth=2, width=200, width_multiplier=1, norm="batchnorm"))
+  config.model = ml_collections.ConfigDict(dict(name="mlp", depth=2, width=200, width_multiplier=1.0, norm="batchnorm"))
 
   config.init_seed = 0  # one initialization shared by every model
   config.data_seed = 1  # model i of a variant sees data order data_seed + i
@@ -60,4 +60,103 @@ def apply_preset(config: ml_collections.ConfigDict, arg: str | None) -> ml_colle
     config.num_epochs = 1
     config.lmc.num_alphas = 5
     config.lmc.reset_batches = 2
+  return config
+
+
+def finetune_config() -> ml_collections.ConfigDict:
+  """Defaults shared by `soup` and `cold`: models fine-tuned from one base (a small ViT)."""
+  config = ml_collections.ConfigDict()
+  config.dataset = "fashion_mnist"  # an image dataset of tna_jax.data, or 'glue' (cold only)
+  config.data_dir = ""
+  config.num_test = 0  # 0 = the whole test split; n = the first n
+  config.model = ml_collections.ConfigDict(dict(
+      name="vit", patch_size=7, depth=3, width=48, num_heads=4, mlp_dim=96, pool="tok", vocab_size=256,
+      lora_rank=0, lora_alpha=16.0))
+  config.init_seed = 0  # the base's initialization, and the one head init every fine-tuned model shares
+  config.data_seed = 1  # fine-tuned model i sees data order data_seed + i
+  config.base = ml_collections.ConfigDict(dict(
+      source="pretrain",  # init | pretrain | orbax | big_vision_npz
+      path="",  # checkpoint directory (orbax) or .npz file (big_vision_npz)
+      reinit="^head/",  # regex of parameter paths that keep their fresh initialization
+  ))
+  config.pretrain = ml_collections.ConfigDict(dict(
+      start=0, num_train=10000,  # training examples [start, start + num_train) of the dataset ...
+      classes="0/1/2/3/4",  # ... relabeled: '/'-separated groups of '+'-joined classes; '' = all classes
+      num_epochs=8, batch_size=128, data_seed=100,
+      optimizer=ml_collections.ConfigDict(dict(
+          name="adamw", learning_rate=1e-3, momentum=0.9, nesterov=False, weight_decay=1e-4, schedule="cosine",
+          warmup_steps=100, grad_clip=1.0)),
+  ))
+  config.variants = "vanilla,tna"  # fine-tune without and with one shared TNA-PFN mask
+  config.mask = ml_collections.ConfigDict(dict(
+      fixed_fraction=0.4, granularity="weight",
+      include="",  # regex on parameter paths; 'lora' = anchors among the LoRA adapters only
+      exclude="", seed=0))
+  config.finetune = ml_collections.ConfigDict(dict(
+      trainable="",  # regex of parameters that train ('' = all; 'lora|head' = LoRA fine-tuning)
+  ))
+  config.optimizer = ml_collections.ConfigDict(dict(
+      name="adamw", learning_rate=1e-3, momentum=0.9, nesterov=False, weight_decay=1e-4, schedule="constant",
+      warmup_steps=0, grad_clip=1.0))
+  config.batch_size = 128
+  config.eval_batch_size = 1000
+  config.overwrite = False
+  return config
+
+
+def soup_config() -> ml_collections.ConfigDict:
+  """Defaults of the `soup` experiment: K fine-tuned ViTs, uniform and greedy soups."""
+  config = finetune_config()
+  config.experiment = "soup"
+  config.split = ml_collections.ConfigDict(dict(
+      start=10000,  # fine-tuning data: training examples [start, start + num_train) ...
+      num_train=4000,
+      num_heldout=2000,  # ... and the next num_heldout, the held-out split that ranks models and greedy soups
+  ))
+  config.soup = ml_collections.ConfigDict(dict(
+      num_models=8,
+      # Each model draws one value of each list (seeded by hparam_seed); data order data_seed + k.
+      lr_factors="0.3,1,3",  # multiplies optimizer.learning_rate
+      epochs="2,4",
+      augment="none,flip,crop",  # none | flip | crop | flip+crop
+      crop_padding=2,
+      hparam_seed=0,
+  ))
+  return config
+
+
+def cold_config() -> ml_collections.ConfigDict:
+  """Defaults of the `cold` experiment: ColD fusion rounds over Fashion-MNIST label tasks."""
+  config = finetune_config()
+  config.experiment = "cold"
+  config.cold = ml_collections.ConfigDict(dict(
+      # Contributors' tasks, ','-separated. Image datasets: a relabeling each ('/'-separated
+      # groups of '+'-joined classes); glue: task names (sst2, qnli, ...).
+      tasks="0/1/2/3/4,5/6/7/8/9,0+2+4+6/1+3/5+7+9/8,0/2/4/6",
+      unseen_tasks="0/1/2/3/4/5/6/7/8/9",  # fine-tuned from every round's base, never fused
+      rounds=4,  # fusions; every task is fine-tuned rounds + 1 times (round 0 = from the original base)
+      epochs_per_round=2,
+      examples_per_task=2000,  # each task's own training examples
+      start=10000,  # image datasets: task i draws from training examples [start + i * pool, ...)
+      max_len=128,  # glue: bytes per example
+  ))
+  return config
+
+
+FUSION_PRESETS = ("quick", "runlocal")
+
+
+def apply_fusion_preset(config: ml_collections.ConfigDict, arg: str | None) -> ml_collections.ConfigDict:
+  """The presets of `soup` and `cold` configs (`quick`: a tiny run for smoke tests and CI)."""
+  from tna_jax.errors import check_choice  # pylint: disable=g-import-not-at-top
+  for preset in filter(None, (arg or "").split(",")):
+    check_choice("config preset", preset, FUSION_PRESETS)
+    config.num_test = 500
+    config.model.update(depth=1, width=16, num_heads=2, mlp_dim=32)
+    config.pretrain.update(num_train=1024, num_epochs=1)
+    if "soup" in config:
+      config.split.update(start=1024, num_train=512, num_heldout=256)
+      config.soup.update(num_models=3, epochs="1")
+    if "cold" in config:
+      config.cold.update(rounds=1, epochs_per_round=1, examples_per_task=256, start=1024, max_len=32)
   return config

@@ -16,6 +16,7 @@ import jax
 import jax.numpy as jnp
 import ml_collections
 
+from tna_jax import transformers
 from tna_jax.errors import check_choice
 
 NORMS = ("batchnorm", "layernorm", "none")
@@ -110,7 +111,7 @@ class ResNet20(nn.Module):
   Convs carry a bias only when no norm follows them.
   """
   num_classes: int
-  width_multiplier: int = 1
+  width_multiplier: float = 1.0
   norm: str = "batchnorm"
   bn_momentum: float = 0.9
 
@@ -123,7 +124,7 @@ class ResNet20(nn.Module):
     # Symmetric padding of 1 (not 'SAME') matches the PyTorch reference for stride 2.
     conv = functools.partial(nn.Conv, padding=1, use_bias=self.norm == "none")
     norm = _norm_factory(self.norm, self.bn_momentum, train)
-    width = 16 * self.width_multiplier
+    width = max(1, round(16 * self.width_multiplier))
     x = nn.relu(norm(name="norm1")(conv(width, (3, 3), name="conv1")(x)))
     for stage in range(3):
       for block in range(3):
@@ -183,6 +184,8 @@ def get_model(model_config: ml_collections.ConfigDict, num_classes: int) -> nn.M
   Only `.get` is used, so a plain dict works too. Unknown names and norms raise ConfigError.
   """
   name = model_config.get("name")
+  if name in transformers.MODEL_NAMES:  # vit, text_transformer: their own registry
+    return transformers.get_model(model_config, num_classes)
   check_choice("model.name", name, MODEL_NAMES)
   cls, knobs, fixed = _REGISTRY[name]
   kwargs = {k: model_config.get(k) for k in knobs if model_config.get(k) is not None}

@@ -1,0 +1,83 @@
+"""The command line end to end: a tiny lmc run, and clear errors for bad input."""
+
+import json
+import os
+import subprocess
+import sys
+
+import numpy as np
+import orbax.checkpoint as ocp
+import pytest
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+TINY = ["--config.num_train=1024", "--config.num_test=500", "--config.model.depth=2", "--config.model.width=64",
+        "--config.lmc.num_alphas=5"]
+
+
+def run_main(config, workdir, *flags):
+  cmd = [sys.executable, "-m", "tna_jax.main", f"--config={config}", f"--workdir={workdir}", *flags]
+  return subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=600)
+
+
+@pytest.fixture(scope="module")
+def tiny_run(tmp_path_factory):
+  workdir = tmp_path_factory.mktemp("lmc")
+  result = run_main("configs/fmnist_mlp.py:quick", workdir, *TINY)
+  assert result.returncode == 0, result.stderr[-3000:]
+  return workdir, result
+
+
+def test_lmc_run_prints_the_table_and_writes_results(tiny_run):
+  workdir, result = tiny_run
+  for header in ("variant", "loss barrier", "acc barrier pp", "acc barrier rel", "vanilla", "tna", "pruning"):
+    assert header in result.stdout
+  results = json.loads((workdir / "results.json").read_text())
+  assert results["models"] == ["vanilla_0", "vanilla_1", "tna_0", "tna_1", "pruning_0", "pruning_1"]
+  assert len(results["alphas"]) == 5 and set(results["curves"]) == {"vanilla", "tna", "pruning"}
+  for row in results["summary"]:
+    assert np.isfinite([row["loss_barrier"], row["accuracy_barrier_pp"], row["accuracy_barrier_rel"]]).all()
+    # The curve's endpoints are the trained models, evaluated the same way as after training.
+    curve = results["curves"][row["variant"]]
+    assert curve["accuracy"][0] == pytest.approx(results["final"][f"{row['variant']}_0"]["test_accuracy"], abs=1e-6)
+  assert (workdir / "lmc_curves.png").stat().st_size > 10_000
+  lines = (workdir / "metrics.jsonl").read_text().splitlines()
+  assert len(lines) == 1 and len(json.loads(lines[0])["test_accuracy"]) == 6
+
+
+def test_checkpoints_are_readable_with_orbax_alone(tiny_run):
+  workdir, _ = tiny_run
+  with ocp.StandardCheckpointer() as checkpointer:
+    init = checkpointer.restore(str(workdir / "checkpoints" / "init"))
+    mask = checkpointer.restore(str(workdir / "checkpoints" / "mask"))
+    tna = checkpointer.restore(str(workdir / "checkpoints" / "tna_0"))
+    pruned = checkpointer.restore(str(workdir / "checkpoints" / "pruning_1"))
+  kernel0, m = np.asarray(init["params"]["fc1"]["kernel"]), np.asarray(mask["fc1"]["kernel"]).astype(bool)
+  assert 0.3 < m.mean() < 0.5
+  np.testing.assert_array_equal(np.asarray(tna["params"]["fc1"]["kernel"])[m], kernel0[m])
+  assert (np.asarray(pruned["params"]["fc1"]["kernel"])[m] == 0).all()
+
+
+def test_existing_results_are_not_overwritten(tiny_run):
+  workdir, _ = tiny_run
+  before = (workdir / "results.json").read_bytes()
+  result = run_main("configs/fmnist_mlp.py:quick", workdir, *TINY)
+  assert result.returncode == 2
+  assert "already holds results.json" in result.stderr and "--config.overwrite=True" in result.stderr
+  assert (workdir / "results.json").read_bytes() == before
+
+
+@pytest.mark.parametrize("flag,message", [
+    ("--config.model.name=resnet99", "model.name='resnet99' is not supported; allowed: mlp, cnn, resnet20"),
+    ("--config.dataset=imagenet", "dataset='imagenet' is not supported; allowed: fashion_mnist, mnist"),
+    ("--config.mask.fixed_fraction=1.0", "mask.fixed_fraction=1.0 is out of range"),
+    ("--config.variants=vanilla,magic", "variants='magic' is not supported"),
+    ("--config.data_dir=/nonexistent/fmnist", "apt-get install -y dataset-fashion-mnist"),
+    ("--config.dataset=cifar10", "tfds build cifar10"),
+])
+def test_bad_input_gives_one_clear_message_and_writes_nothing(tmp_path, flag, message):
+  workdir = tmp_path / "run"
+  result = run_main("configs/fmnist_mlp.py:quick", workdir, flag)
+  assert result.returncode == 2, result.stderr[-2000:]
+  assert message in result.stderr
+  assert "Traceback" not in result.stderr
+  assert not workdir.exists() or not any(workdir.iterdir())
