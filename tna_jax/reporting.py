@@ -1,4 +1,8 @@
-"""What a person looks at: results JSON written atomically, tables on stdout, PNG plots."""
+"""What a person looks at: results JSON written atomically, tables on stdout, PNG plots.
+
+In a multi-process run every process computes the same results, and only process 0
+(`sharding.is_writer`) writes files, so workers never race on one path.
+"""
 
 import json
 import os
@@ -7,10 +11,14 @@ from typing import Any, Sequence
 
 import numpy as np
 
+from tna_jax import sharding
+
 
 def write_json(path: str, obj: Any) -> None:
   """Writes JSON through a temporary file and a rename: readers never see half a file, and
   an earlier file at `path` survives a crash."""
+  if not sharding.is_writer():
+    return
   directory = os.path.dirname(os.path.abspath(path))
   os.makedirs(directory, exist_ok=True)
   with tempfile.NamedTemporaryFile("w", dir=directory, delete=False, suffix=".tmp") as f:
@@ -21,6 +29,8 @@ def write_json(path: str, obj: Any) -> None:
 
 def append_jsonl(path: str, record: dict) -> None:
   """Appends one JSON line (per-epoch metrics)."""
+  if not sharding.is_writer():
+    return
   with open(path, "a") as f:
     f.write(json.dumps(_jsonable(record)) + "\n")
 
@@ -47,6 +57,8 @@ def format_table(rows: Sequence[dict], columns: Sequence[tuple[str, str, str]]) 
 
 def plot_curves(path: str, alphas: np.ndarray, curves: dict[str, dict[str, np.ndarray]], title: str) -> None:
   """Loss and accuracy against alpha, one line per curve name; saved as PNG."""
+  if not sharding.is_writer():
+    return
   import matplotlib  # pylint: disable=g-import-not-at-top
   matplotlib.use("Agg")
   import matplotlib.pyplot as plt  # pylint: disable=g-import-not-at-top

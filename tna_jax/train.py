@@ -5,6 +5,11 @@ vanilla vs TNA-PFN vs pruning) and differ in data order. Everything an epoch nee
 the device: the uint8 training set, the shuffle (a permutation per model and epoch), the
 normalization and augmentation, so one epoch is one call: vmap over models of a scan over
 steps.
+
+The same call runs on any number of devices and processes (`tna_jax.sharding`): the
+models are spread over the mesh axis 'models', every batch over 'data', the uint8 dataset
+is split by rows over 'data', and jit adds the gradient all-reduce, so 1 CPU, 8 fake CPU
+devices, a GPU host and a TPU pod train the same models up to float rounding.
 """
 
 import time
@@ -13,9 +18,10 @@ from typing import Any, Callable
 import flax.struct
 import jax
 import jax.numpy as jnp
+import numpy as np
 import optax
 
-from tna_jax import data
+from tna_jax import data, sharding
 
 PyTree = Any
 
@@ -64,26 +70,31 @@ def train_step(model, tx: optax.GradientTransformationExtraArgs, state: TrainSta
 
 
 def make_epoch_fn(model, tx: optax.GradientTransformationExtraArgs, *, batch_size: int, mean, std,
-                  flip: bool = False, crop_padding: int = 0) -> Callable:
+                  flip: bool = False, crop_padding: int = 0, num_examples: int | None = None,
+                  mesh: jax.sharding.Mesh | None = None) -> Callable:
   """`epoch(state, key, train_images, train_labels) -> (state, metrics)` for ONE model.
 
   `key` decides this model's data order (and augmentation) for this epoch; the last
   incomplete batch is dropped so every step has the same shape. vmap it over models.
+  Only the first `num_examples` rows are real (default: all; `sharding.shard_rows` pads).
+  With a `mesh`, every batch is split over its 'data' axis; the order does not depend on
+  the mesh, so any number of devices trains the same model.
   """
   augment = flip or crop_padding > 0
 
   def epoch(state: TrainState, key: jax.Array, train_images: jax.Array, train_labels: jax.Array):
-    n = train_images.shape[0]
+    n = num_examples or train_images.shape[0]
     steps = n // batch_size
     order_key, augment_key = jax.random.split(key)
     order = jax.random.permutation(order_key, n)[:steps * batch_size].reshape(steps, batch_size)
 
     def step(state, xs):
       idx, step_index = xs
-      images = data.normalize(train_images[idx], mean, std)
+      images, labels = sharding.constrain((train_images[idx], train_labels[idx]), mesh, sharding.DATA)
+      images = data.normalize(images, mean, std)
       if augment:
         images = data.augment(jax.random.fold_in(augment_key, step_index), images, flip, crop_padding)
-      return train_step(model, tx, state, images, train_labels[idx])
+      return train_step(model, tx, state, images, labels)
 
     state, metrics = jax.lax.scan(step, state, (order, jnp.arange(steps)))
     return state, jax.tree.map(jnp.mean, metrics)
@@ -101,46 +112,76 @@ def unstack(tree: PyTree, k: int) -> PyTree:
   return jax.tree.map(lambda x: x[k], tree)
 
 
-def epoch_keys(data_seeds, epoch: int) -> jax.Array:
-  """Per-model keys for one epoch, derived from each model's data seed."""
-  return jnp.stack([jax.random.fold_in(jax.random.key(s), epoch) for s in data_seeds])
+def epoch_keys(data_seeds, epoch) -> jax.Array:
+  """Per-model keys for one epoch, derived from each model's data seed; jittable."""
+  return jax.vmap(lambda s: jax.random.fold_in(jax.random.key(s), epoch))(jnp.asarray(data_seeds))
+
+
+def create_states(init_fn: Callable[[], TrainState], mesh: jax.sharding.Mesh) -> TrainState:
+  """Runs `init_fn` (building K stacked states) so each model is created on its own shard.
+
+  The parameters never exist whole on one device first: jit with `out_shardings` writes
+  every leaf (all have the leading model axis) straight into its place.
+  """
+  return jax.jit(init_fn, out_shardings=sharding.named(mesh, sharding.MODELS))()
 
 
 def fit(model, tx: optax.GradientTransformationExtraArgs, states: TrainState, data_seeds: list[int],
         dataset: "data.Dataset", *, num_epochs: int, batch_size: int, eval_batch_size: int, flip: bool = False,
-        crop_padding: int = 0, on_epoch: Callable[[dict], None] | None = None,
-        progress: bool = True) -> tuple[TrainState, list[dict]]:
+        crop_padding: int = 0, on_epoch: Callable[[dict], None] | None = None, progress: bool = True,
+        mesh: jax.sharding.Mesh | None = None) -> tuple[TrainState, list[dict]]:
   """Trains the K stacked `states` for `num_epochs`; model k sees data order `data_seeds[k]`.
 
   One compiled call per epoch trains all K models, and a second evaluates all of them on
-  the test set. Returns the trained states and one metrics record per epoch, each value a
-  list over the K models; `on_epoch` sees each record as it is made.
+  the test set. `mesh` (default `sharding.make_mesh` over every device of every process)
+  spreads the models over its 'models' axis and each batch over 'data'; the result does
+  not depend on it beyond float rounding. Returns the trained states, replicated on every
+  device so that any process can read, evaluate and save them, and one metrics record per
+  epoch, each value a list over the K models; `on_epoch` sees each record as it is made.
   """
   from tqdm import tqdm  # pylint: disable=g-import-not-at-top
   from tna_jax import evaluate  # pylint: disable=g-import-not-at-top
 
-  if batch_size > len(dataset.train_labels):
-    raise ValueError(f"batch_size={batch_size} exceeds the {len(dataset.train_labels)} training examples")
+  num_train = len(dataset.train_labels)
+  if batch_size > num_train:
+    raise ValueError(f"batch_size={batch_size} exceeds the {num_train} training examples")
+  mesh = mesh or sharding.make_mesh(len(data_seeds), batch_size)
+  if batch_size % mesh.shape[sharding.DATA]:
+    raise ValueError(f"batch_size={batch_size} must be a multiple of the mesh's data axis "
+                     f"({mesh.shape[sharding.DATA]} devices)")
   epoch_fn = make_epoch_fn(model, tx, batch_size=batch_size, mean=dataset.mean, std=dataset.std, flip=flip,
-                           crop_padding=crop_padding)
-  train_epochs = jax.jit(jax.vmap(epoch_fn, in_axes=(0, 0, None, None)), donate_argnums=0)
+                           crop_padding=crop_padding, num_examples=num_train, mesh=mesh)
+  by_model, replicated = sharding.named(mesh, sharding.MODELS), sharding.named(mesh)
+
+  @jax.jit(donate_argnums=0, out_shardings=(by_model, replicated))
+  def train_epochs(states, seeds, epoch, train_images, train_labels):
+    keys = sharding.constrain(epoch_keys(seeds, epoch), mesh, sharding.MODELS)
+    return jax.vmap(epoch_fn, in_axes=(0, 0, None, None), spmd_axis_name=sharding.MODELS)(
+        states, keys, train_images, train_labels)
+
   apply_fn = evaluate.inference_fn(model)
   evaluate_all = jax.jit(jax.vmap(lambda v, b: evaluate.evaluate(apply_fn, v, b, dataset.mean, dataset.std),
-                                  in_axes=(0, None)))
-  train_images, train_labels = jnp.asarray(dataset.train_images), jnp.asarray(dataset.train_labels)
-  test_batches = evaluate.make_batches(dataset.test_images, dataset.test_labels, eval_batch_size)
+                                  in_axes=(0, None), spmd_axis_name=sharding.MODELS), out_shardings=replicated)
+  states = sharding.put(states, by_model)
+  seeds = sharding.put(np.asarray(data_seeds, np.int32), by_model)
+  train_images, train_labels = (sharding.shard_rows(a, mesh) for a in (dataset.train_images, dataset.train_labels))
+  data_devices = mesh.shape[sharding.DATA]  # padding to a multiple has weight 0: same metrics
+  test_batches = evaluate.make_batches(dataset.test_images, dataset.test_labels,
+                                       -(-min(eval_batch_size, len(dataset.test_labels)) // data_devices) * data_devices)
+  test_batches = sharding.put(test_batches, sharding.named(mesh, None, sharding.DATA))
   history = []
-  bar = tqdm(range(num_epochs), desc="train", unit="epoch", disable=not progress, dynamic_ncols=True)
+  bar = tqdm(range(num_epochs), desc="train", unit="epoch", disable=not (progress and sharding.is_writer()),
+             dynamic_ncols=True)
   for epoch in bar:
     start = time.perf_counter()
-    states, train_metrics = train_epochs(states, epoch_keys(data_seeds, epoch), train_images, train_labels)
+    states, train_metrics = train_epochs(states, seeds, epoch, train_images, train_labels)
     test_metrics = evaluate_all(states.variables, test_batches)
     record = {"epoch": epoch + 1, "seconds": 0.0}
-    record.update({f"train_{k}": v for k, v in jax.device_get(train_metrics).items()})
-    record.update({f"test_{k}": v for k, v in jax.device_get(test_metrics).items()})
+    record.update({f"train_{k}": v for k, v in sharding.fetch(train_metrics).items()})
+    record.update({f"test_{k}": v for k, v in sharding.fetch(test_metrics).items()})
     record["seconds"] = time.perf_counter() - start
     history.append(record)
     bar.set_postfix(test_acc=" ".join(f"{a:.3f}" for a in record["test_accuracy"]))
     if on_epoch:
       on_epoch(record)
-  return states, history
+  return sharding.replicate(states, mesh), history
