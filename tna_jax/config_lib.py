@@ -45,7 +45,16 @@ def lmc_config() -> ml_collections.ConfigDict:
       num_alphas=21,  # grid from 0 to 1, endpoints included
       alpha_chunk=0,  # alphas evaluated at once; 0 = all (lower it if memory is tight)
       bn_modes="raw,reset",  # BatchNorm models: interpolate running stats, and/or re-estimate them per alpha
-      reset_batches=20,  # training batches used to re-estimate BatchNorm statistics
+      reset_batches=20,  # training batches used to re-estimate BatchNorm statistics (and by REPAIR)
+  ))
+  # Post-hoc alignment: model 1 of each pair permuted onto model 0, every curve measured again.
+  config.align = "none"  # none | weight (Git Re-Basin weight matching) | activation (correlation matching)
+  config.repair = False  # also measure every curve with REPAIR (channel statistics rescaled at each alpha)
+  config.matching = ml_collections.ConfigDict(dict(
+      solver="auto",  # auto | hungarian (optax, on device) | scipy (host); auto = scipy on CPU, hungarian elsewhere
+      max_iterations=100,  # weight matching: at most this many coordinate-descent sweeps
+      seed=0,  # weight matching: order in which each sweep visits the permutations
+      batches=20,  # activation matching: training batches whose activations are correlated
   ))
   config.overwrite = False  # allow replacing an earlier run's results in the same workdir
   return config

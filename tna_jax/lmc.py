@@ -2,7 +2,9 @@
 
 A whole curve is ONE compiled call: vmap over interpolation coefficients of a scan over
 test batches (in chunks of alphas when memory is tight), instead of a Python loop that
-re-enters the device once per alpha and batch.
+re-enters the device once per alpha and batch. Options of the curve, applied at every
+alpha inside that call: BatchNorm statistics re-estimated on training batches
+(`bn_mode='reset'`) and REPAIR (`repair=True`, see `tna_jax.repair`).
 """
 
 from typing import Any
@@ -11,7 +13,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from tna_jax import data, evaluate
+from tna_jax import data, evaluate, repair as repair_lib
 
 PyTree = Any
 BN_MODES = ("raw", "reset")
@@ -43,7 +45,7 @@ def reestimate_batch_stats(model, variables: dict, images: jax.Array, mean, std)
 
 
 def lmc_curve(model, variables_a: dict, variables_b: dict, alphas: jax.Array, batches: evaluate.Batches, mean,
-              std, *, bn_mode: str = "raw", reset_images: jax.Array | None = None,
+              std, *, bn_mode: str = "raw", repair: bool = False, reset_images: jax.Array | None = None,
               alpha_chunk: int = 0) -> dict[str, jax.Array]:
   """Test loss and accuracy at every alpha of the segment from model a to model b.
 
@@ -55,7 +57,10 @@ def lmc_curve(model, variables_a: dict, variables_b: dict, alphas: jax.Array, ba
     mean, std: normalization of the uint8 images.
     bn_mode: 'raw' interpolates BatchNorm statistics like any other leaf (the authors'
       protocol); 'reset' re-estimates them for every alpha on `reset_images`.
-    reset_images: uint8 [S, B, H, W, C] training batches for bn_mode='reset'.
+    repair: applies REPAIR (`repair.repair`) at every alpha, after any BN reset: channel
+      statistics are measured on all `reset_images` at once (S * B images per alpha; lower
+      `alpha_chunk` if memory is tight) and the endpoints are left unchanged.
+    reset_images: uint8 [S, B, H, W, C] training batches for bn_mode='reset' and repair.
     alpha_chunk: alphas evaluated at once; 0 means all of them in one vmap.
 
   Returns:
@@ -63,19 +68,30 @@ def lmc_curve(model, variables_a: dict, variables_b: dict, alphas: jax.Array, ba
   """
   if bn_mode not in BN_MODES:
     raise ValueError(f"bn_mode={bn_mode!r}; allowed: {BN_MODES}")
-  if bn_mode == "reset" and reset_images is None:
-    raise ValueError("bn_mode='reset' needs reset_images")
-  return _curve(model, bn_mode, alpha_chunk, variables_a, variables_b, alphas, batches, mean, std, reset_images)
+  if (bn_mode == "reset" or repair) and reset_images is None:
+    raise ValueError("bn_mode='reset' and repair=True need reset_images")
+  return _curve(model, bn_mode, repair, alpha_chunk, variables_a, variables_b, alphas, batches, mean, std,
+                reset_images)
 
 
-@jax.jit(static_argnums=(0, 1, 2, 7, 8))
-def _curve(model, bn_mode, alpha_chunk, variables_a, variables_b, alphas, batches, mean, std, reset_images):
+@jax.jit(static_argnums=(0, 1, 2, 3, 8, 9))
+def _curve(model, bn_mode, repair, alpha_chunk, variables_a, variables_b, alphas, batches, mean, std, reset_images):
   apply_fn = evaluate.inference_fn(model)
 
+  def reset(variables):
+    if bn_mode == "reset" and variables.get("batch_stats"):
+      return {**variables, "batch_stats": reestimate_batch_stats(model, variables, reset_images, mean, std)}
+    return variables
+
+  if repair:
+    images = data.normalize(reset_images.reshape((-1,) + reset_images.shape[2:]), mean, std)
+    sites = repair_lib.sites(model, variables_a)
+    stats_a, stats_b = (repair_lib.channel_stats(model, reset(v), images, sites) for v in (variables_a, variables_b))
+
   def at_alpha(alpha):
-    variables = interpolate(variables_a, variables_b, alpha)
-    if bn_mode == "reset" and "batch_stats" in variables:
-      variables = {**variables, "batch_stats": reestimate_batch_stats(model, variables, reset_images, mean, std)}
+    variables = reset(interpolate(variables_a, variables_b, alpha))
+    if repair:
+      variables = repair_lib.repair(model, variables, images, interpolate(stats_a, stats_b, alpha))
     return evaluate.evaluate(apply_fn, variables, batches, mean, std)
 
   if alpha_chunk and alpha_chunk < alphas.shape[0]:

@@ -6,8 +6,15 @@ trains in ONE vmapped program, then each variant's pair (models 0 and 1) gets an
 (one compiled call each), and for BatchNorm models a second curve with statistics
 re-estimated at every alpha.
 
-Writes to the workdir: results.json, lmc_curves.png, metrics.jsonl (per epoch) and orbax
-checkpoints (checkpoints/init, checkpoints/mask, checkpoints/<variant>_<k>).
+With `align = weight | activation`, model 1 of each pair is also permuted onto model 0
+(post-hoc matching, `tna_jax.matching`) and every curve is measured again, so one run
+compares TNA-PFN, post-hoc matching and both; with `repair = True` every curve is also
+measured with REPAIR. The table then shows each barrier before and after alignment, with
+the matching's coordinate-descent sweeps and seconds.
+
+Writes to the workdir: results.json, lmc_curves.png (and lmc_curves_aligned.png),
+metrics.jsonl (per epoch) and orbax checkpoints (checkpoints/init, checkpoints/mask,
+checkpoints/<variant>_<k>, and when aligned <variant>_1_aligned and <variant>_perms).
 """
 
 import os
@@ -19,14 +26,14 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from tna_jax import checkpoints, data, evaluate, lmc, masks, models, optim, reporting, train
+from tna_jax import checkpoints, data, evaluate, lmc, masks, matching, models, optim, reporting, train
 from tna_jax.errors import ConfigError, check_choice
 
 VARIANTS = ("vanilla", "tna", "pruning")
 
 TABLE_COLUMNS = (
     ("variant", "variant", "s"),
-    ("curve", "bn_mode", "s"),
+    ("curve", "curve", "s"),
     ("acc A %", "accuracy_a", ".2f"),
     ("acc B %", "accuracy_b", ".2f"),
     ("mid acc %", "accuracy_mid", ".2f"),
@@ -34,6 +41,14 @@ TABLE_COLUMNS = (
     ("acc barrier pp", "accuracy_barrier_pp", ".2f"),
     ("acc barrier rel", "accuracy_barrier_rel", ".4f"),
 )
+ALIGNED_COLUMNS = (
+    ("aligned mid acc %", "aligned_accuracy_mid", ".2f"),
+    ("aligned loss barrier", "aligned_loss_barrier", ".4f"),
+    ("aligned acc barrier pp", "aligned_accuracy_barrier_pp", ".2f"),
+    ("match iters", "match_iterations", "d"),
+    ("match s", "match_seconds", ".2f"),
+)
+ALIGN_CHOICES = ("none",) + matching.METHODS
 
 
 def variants_of(config) -> tuple[str, ...]:
@@ -62,6 +77,13 @@ def validate(config) -> None:
       raise ConfigError(f"{key}={value!r} must be >= {low}.")
   for mode in config.lmc.bn_modes.split(","):
     check_choice("lmc.bn_modes", mode, lmc.BN_MODES)
+  check_choice("align", config.align, ALIGN_CHOICES)
+  check_choice("repair", config.repair, (False, True))
+  check_choice("matching.solver", config.matching.solver, matching.SOLVERS)
+  for key, value in (("matching.max_iterations", config.matching.max_iterations),
+                     ("matching.batches", config.matching.batches), ("lmc.reset_batches", config.lmc.reset_batches)):
+    if value < 1:
+      raise ConfigError(f"{key}={value!r} must be >= 1.")
 
 
 def check_workdir(workdir: str, overwrite: bool) -> None:
@@ -112,7 +134,8 @@ def run(config, workdir: str) -> dict[str, Any]:
   train_seconds = time.perf_counter() - start
 
   start = time.perf_counter()
-  curves, rows = measure_curves(config, model, states, variants, dataset)
+  aligned = align_pairs(config, model, states, variants, dataset)
+  curves, aligned_curves, rows = measure_curves(config, model, states, variants, dataset, aligned)
   lmc_seconds = time.perf_counter() - start
 
   results = {
@@ -125,52 +148,113 @@ def run(config, workdir: str) -> dict[str, Any]:
       "train_seconds": train_seconds,
       "lmc_seconds": lmc_seconds,
   }
-  write_outputs(workdir, config, results, variables, tna_mask, states, names)
+  if aligned:
+    results["aligned_curves"] = aligned_curves
+    results["alignment"] = {variant: {"method": config.align, **result.summary()}
+                            for variant, (_, result) in aligned.items()}
+  write_outputs(workdir, config, results, variables, tna_mask, states, names, aligned)
+  extras = (f", align={config.align}" if aligned else "") + (", REPAIR" if config.repair else "")
   print(f"\nLMC between models 0 and 1 of each variant ({config.model.name} on {config.dataset}, "
-        f"{config.num_epochs} epochs, train {train_seconds:.0f}s, curves {lmc_seconds:.1f}s):")
-  print(reporting.format_table(rows, TABLE_COLUMNS))
+        f"{config.num_epochs} epochs{extras}, train {train_seconds:.0f}s, curves {lmc_seconds:.1f}s):")
+  print(reporting.format_table(rows, TABLE_COLUMNS + (ALIGNED_COLUMNS if aligned else ())))
   print(f"\nResults, curves and checkpoints in {workdir}")
   return results
 
 
-def measure_curves(config, model, states: train.TrainState, variants, dataset: data.Dataset):
-  """The LMC curve and barriers of each variant's pair (models 0 and 1)."""
+def training_batches(dataset: data.Dataset, count: int, batch_size: int) -> jax.Array:
+  """The first `count` whole training batches (fewer if the split is short), uint8 [S, B, ...]."""
+  count = max(1, min(len(dataset.train_images), count * batch_size) // batch_size)
+  return jnp.asarray(dataset.train_images[:count * batch_size].reshape((count, batch_size) + dataset.image_shape))
+
+
+def pair(config, states: train.TrainState, v: int) -> tuple[dict, dict]:
+  """Models 0 and 1 of the v-th variant."""
+  first = v * config.num_models
+  return train.unstack(states.variables, first), train.unstack(states.variables, first + 1)
+
+
+def align_pairs(config, model, states: train.TrainState, variants,
+                dataset: data.Dataset) -> dict[str, tuple[dict, matching.MatchResult]]:
+  """Model 1 of each variant permuted onto model 0 by `config.align` ({} for 'none')."""
+  if config.align == "none":
+    return {}
+  images = None
+  if config.align == "activation":
+    images = training_batches(dataset, config.matching.batches, config.batch_size)
+  aligned = {}
+  for v, variant in enumerate(variants):
+    aligned[variant] = matching.align(config.align, model, *pair(config, states, v), images=images,
+                                      mean=dataset.mean, std=dataset.std, seed=config.matching.seed,
+                                      max_iterations=config.matching.max_iterations, solver=config.matching.solver)
+    result = aligned[variant][1]
+    logging.info("%s matching of %s: %d sweeps, %.2fs (+%.1fs compile), objective %.4g -> %.4g", config.align,
+                 variant, result.iterations, result.seconds, result.compile_seconds, result.initial_objective,
+                 result.objective)
+  return aligned
+
+
+def curve_summary(alphas: jax.Array, curve: dict) -> dict[str, float]:
+  """Endpoint and midpoint accuracies (%) and the barriers of one curve."""
+  return {"accuracy_a": 100 * float(curve["accuracy"][0]), "accuracy_b": 100 * float(curve["accuracy"][-1]),
+          "accuracy_mid": 100 * float(curve["accuracy"][len(alphas) // 2]),
+          **lmc.barriers(alphas, curve["loss"], curve["accuracy"])}
+
+
+def measure_curves(config, model, states: train.TrainState, variants, dataset: data.Dataset,
+                   aligned: dict[str, tuple[dict, matching.MatchResult]]):
+  """The LMC curve and barriers of each variant's pair (models 0 and 1), per BN mode and
+  with and without REPAIR; for aligned variants also between model 0 and aligned model 1.
+
+  Returns (curves, aligned curves, table rows); curve names are the variant plus the BN mode
+  (when there are several) and '+REPAIR'.
+  """
   alphas = jnp.linspace(0.0, 1.0, config.lmc.num_alphas)
   batches = evaluate.make_batches(dataset.test_images, dataset.test_labels, config.eval_batch_size)
   has_bn = bool(states.batch_stats)
   bn_modes = config.lmc.bn_modes.split(",") if has_bn else ["raw"]
+  repairs = (False, True) if config.repair else (False,)
   reset_images = None
-  if "reset" in bn_modes:
-    count = min(len(dataset.train_images), config.lmc.reset_batches * config.batch_size) // config.batch_size
-    reset_images = jnp.asarray(dataset.train_images[:count * config.batch_size].reshape(
-        (count, config.batch_size) + dataset.image_shape))
-  curves, rows = {"alphas": np.asarray(alphas)}, []
+  if "reset" in bn_modes or config.repair:
+    reset_images = training_batches(dataset, config.lmc.reset_batches, config.batch_size)
+  curves, aligned_curves, rows = {"alphas": np.asarray(alphas)}, {}, []
   for v, variant in enumerate(variants):
-    first = v * config.num_models
-    variables_a = train.unstack(states.variables, first)
-    variables_b = train.unstack(states.variables, first + 1)
+    variables_a, variables_b = pair(config, states, v)
     for bn_mode in bn_modes:
-      curve = jax.device_get(lmc.lmc_curve(model, variables_a, variables_b, alphas, batches, dataset.mean,
-                                            dataset.std, bn_mode=bn_mode, reset_images=reset_images,
-                                            alpha_chunk=config.lmc.alpha_chunk))
-      name = variant if len(bn_modes) == 1 else f"{variant} ({bn_mode} BN)"
-      curves[name] = curve
-      mid = len(alphas) // 2
-      rows.append({"variant": variant, "bn_mode": bn_mode, "accuracy_a": 100 * float(curve["accuracy"][0]),
-                   "accuracy_b": 100 * float(curve["accuracy"][-1]),
-                   "accuracy_mid": 100 * float(curve["accuracy"][mid]),
-                   **lmc.barriers(alphas, curve["loss"], curve["accuracy"])})
-  return curves, rows
+      for repair in repairs:
+
+        def curve_to(variables, bn_mode=bn_mode, repair=repair):
+          return jax.device_get(lmc.lmc_curve(model, variables_a, variables, alphas, batches, dataset.mean,
+                                              dataset.std, bn_mode=bn_mode, repair=repair, reset_images=reset_images,
+                                              alpha_chunk=config.lmc.alpha_chunk))
+
+        name = variant + (f" ({bn_mode} BN)" if len(bn_modes) > 1 else "") + (" +REPAIR" if repair else "")
+        curves[name] = curve_to(variables_b)
+        row = {"variant": variant, "curve": bn_mode + ("+REPAIR" if repair else ""), "bn_mode": bn_mode,
+               "repair": repair, **curve_summary(alphas, curves[name])}
+        if variant in aligned:
+          aligned_b, result = aligned[variant]
+          aligned_curves[name] = curve_to(aligned_b)
+          row.update({f"aligned_{key}": value for key, value in curve_summary(alphas, aligned_curves[name]).items()})
+          row.update(match_iterations=result.iterations, match_seconds=result.seconds)
+        rows.append(row)
+  return curves, aligned_curves, rows
 
 
 def write_outputs(workdir: str, config, results: dict, init_variables: dict, mask, states: train.TrainState,
-                  names: list[str]) -> None:
-  """results.json, the curves' PNG and orbax checkpoints of init, mask and every model."""
+                  names: list[str], aligned: dict[str, tuple[dict, matching.MatchResult]]) -> None:
+  """results.json, the curves' PNGs and orbax checkpoints of init, mask, every model and,
+  when aligned, each variant's aligned model 1 and its permutations."""
   ckpt_dir = os.path.join(workdir, "checkpoints")
   checkpoints.save(os.path.join(ckpt_dir, "init"), init_variables)
   checkpoints.save(os.path.join(ckpt_dir, "mask"), mask)
   for i, name in enumerate(names):
     checkpoints.save(os.path.join(ckpt_dir, name), train.unstack(states.variables, i))
-  reporting.plot_curves(os.path.join(workdir, "lmc_curves.png"), results["alphas"], results["curves"],
-                        f"LMC: {config.model.name} on {config.dataset}")
+  for variant, (variables, result) in aligned.items():
+    checkpoints.save(os.path.join(ckpt_dir, f"{variant}_1_aligned"), variables)
+    checkpoints.save(os.path.join(ckpt_dir, f"{variant}_perms"), result.perms)
+  title = f"LMC: {config.model.name} on {config.dataset}"
+  reporting.plot_curves(os.path.join(workdir, "lmc_curves.png"), results["alphas"], results["curves"], title)
+  if aligned:
+    reporting.plot_curves(os.path.join(workdir, "lmc_curves_aligned.png"), results["alphas"],
+                          results["aligned_curves"], f"{title}, model 1 aligned by {config.align} matching")
   reporting.write_json(os.path.join(workdir, "results.json"), results)
