@@ -126,6 +126,27 @@ def create_states(init_fn: Callable[[], TrainState], mesh: jax.sharding.Mesh) ->
   return jax.jit(init_fn, out_shardings=sharding.named(mesh, sharding.MODELS))()
 
 
+def make_train_epochs(model, tx: optax.GradientTransformationExtraArgs, mesh: jax.sharding.Mesh, *,
+                      batch_size: int, mean, std, num_examples: int, flip: bool = False,
+                      crop_padding: int = 0) -> Callable:
+  """`train_epochs(states, seeds, epoch, train_images, train_labels) -> (states, metrics)`.
+
+  One compiled call trains the K stacked `states` (sharded on 'models', donated) for one
+  epoch, model k in the data order of `seeds[k]` and `epoch`; the data are the sharded
+  uint8 arrays of `sharding.shard_rows`. Metrics come back replicated, one value per model.
+  """
+  epoch_fn = make_epoch_fn(model, tx, batch_size=batch_size, mean=mean, std=std, flip=flip,
+                           crop_padding=crop_padding, num_examples=num_examples, mesh=mesh)
+
+  @jax.jit(donate_argnums=0, out_shardings=(sharding.named(mesh, sharding.MODELS), sharding.named(mesh)))
+  def train_epochs(states, seeds, epoch, train_images, train_labels):
+    keys = sharding.constrain(epoch_keys(seeds, epoch), mesh, sharding.MODELS)
+    return jax.vmap(epoch_fn, in_axes=(0, 0, None, None), spmd_axis_name=sharding.MODELS)(
+        states, keys, train_images, train_labels)
+
+  return train_epochs
+
+
 def fit(model, tx: optax.GradientTransformationExtraArgs, states: TrainState, data_seeds: list[int],
         dataset: "data.Dataset", *, num_epochs: int, batch_size: int, eval_batch_size: int, flip: bool = False,
         crop_padding: int = 0, on_epoch: Callable[[dict], None] | None = None, progress: bool = True,
@@ -149,16 +170,9 @@ def fit(model, tx: optax.GradientTransformationExtraArgs, states: TrainState, da
   if batch_size % mesh.shape[sharding.DATA]:
     raise ValueError(f"batch_size={batch_size} must be a multiple of the mesh's data axis "
                      f"({mesh.shape[sharding.DATA]} devices)")
-  epoch_fn = make_epoch_fn(model, tx, batch_size=batch_size, mean=dataset.mean, std=dataset.std, flip=flip,
-                           crop_padding=crop_padding, num_examples=num_train, mesh=mesh)
+  train_epochs = make_train_epochs(model, tx, mesh, batch_size=batch_size, mean=dataset.mean, std=dataset.std,
+                                   num_examples=num_train, flip=flip, crop_padding=crop_padding)
   by_model, replicated = sharding.named(mesh, sharding.MODELS), sharding.named(mesh)
-
-  @jax.jit(donate_argnums=0, out_shardings=(by_model, replicated))
-  def train_epochs(states, seeds, epoch, train_images, train_labels):
-    keys = sharding.constrain(epoch_keys(seeds, epoch), mesh, sharding.MODELS)
-    return jax.vmap(epoch_fn, in_axes=(0, 0, None, None), spmd_axis_name=sharding.MODELS)(
-        states, keys, train_images, train_labels)
-
   apply_fn = evaluate.inference_fn(model)
   evaluate_all = jax.jit(jax.vmap(lambda v, b: evaluate.evaluate(apply_fn, v, b, dataset.mean, dataset.std),
                                   in_axes=(0, None), spmd_axis_name=sharding.MODELS), out_shardings=replicated)
