@@ -127,7 +127,7 @@ def soup_config() -> ml_collections.ConfigDict:
       # Each model draws one value of each list (seeded by hparam_seed); data order data_seed + k.
       lr_factors="0.3,1,3",  # multiplies optimizer.learning_rate
       epochs="2,4",
-      augment="none,flip,crop",  # none | flip | crop | flip+crop
+      augment="none,flip",  # none | flip | crop | flip+crop
       crop_padding=2,
       hparam_seed=0,
   ))

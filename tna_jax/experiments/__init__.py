@@ -11,6 +11,8 @@ from tna_jax.errors import check_choice
 
 EXPERIMENTS = {
     "lmc": "tna_jax.experiments.lmc",
+    "soup": "tna_jax.experiments.soup",
+    "cold": "tna_jax.experiments.cold",
 }
 
 

@@ -1,0 +1,312 @@
+"""The `soup` experiment: K models fine-tuned from one base, uniform and greedy soups, with
+and without one shared TNA-PFN mask.
+
+Every model starts from the same base (`pretrained.load_base`: a pretrained body and one
+shared head initialization) and draws its own hyperparameters: learning-rate factor,
+epochs, augmentation; model k sees data order data_seed + k. The variants (vanilla, tna)
+use the same K draws, so they are compared model for model. All models with the same
+augmentation train in ONE vmapped program (`train.fit`): learning rate and epochs differ
+inside it through `soup.per_model_run`.
+
+The training data are training examples [split.start, + split.num_train); the next
+split.num_heldout examples are the held-out split that ranks the models, decides the
+greedy soup and is what `train.fit` reports per epoch; the test split is only reported.
+
+Writes to the workdir: results.json, soup.png (held-out vs test accuracy of every model
+and soup), metrics.jsonl and orbax checkpoints (base, mask, <variant>_uniform,
+<variant>_greedy; checkpoints/pretrained when the base was pretrained here).
+"""
+
+import dataclasses
+import os
+import time
+from typing import Any
+
+import jax
+import numpy as np
+import optax
+
+from tna_jax import (checkpoints, data, evaluate, masks, models, optim, pretrained, reporting, soup, train,
+                     transformers)
+from tna_jax.errors import ConfigError, check_choice
+from tna_jax.experiments.lmc import check_workdir
+
+VARIANTS = ("vanilla", "tna")
+AUGMENTATIONS = ("none", "flip", "crop", "flip+crop")
+
+SUMMARY_COLUMNS = (
+    ("variant", "variant", "s"),
+    ("model", "method", "s"),
+    ("held-out %", "heldout", ".2f"),
+    ("test %", "test", ".2f"),
+    ("models", "models", "s"),
+)
+
+
+# ----------------------------------------------------------------------------- config
+
+
+def parse_list(name: str, spec: str, cast, allowed=None) -> list:
+  """A non-empty comma-separated list, each item cast (and checked against `allowed`)."""
+  items = [s.strip() for s in str(spec).split(",") if s.strip()]
+  if not items:
+    raise ConfigError(f"{name}={spec!r} is empty; give a comma-separated list.")
+  try:
+    values = [cast(s) for s in items]
+  except ValueError:
+    raise ConfigError(f"{name}={spec!r}: every item must be a {cast.__name__}.") from None
+  for value in values:
+    if allowed is not None:
+      check_choice(name, value, allowed)
+  return values
+
+
+def variants_of(config) -> list[str]:
+  return parse_list("variants", config.variants, str, VARIANTS)
+
+
+def validate_finetune(config) -> None:
+  """Checks shared by `soup` and `cold`: model, base, mask, optimizer, counts."""
+  check_choice("model.name", config.model.name, models.MODEL_NAMES + transformers.MODEL_NAMES)
+  check_choice("base.source", config.base.source, pretrained.BASE_SOURCES)
+  if config.base.source in ("orbax", "big_vision_npz") and not config.base.path:
+    raise ConfigError(f"base.source={config.base.source!r} needs base.path (the checkpoint to start from).")
+  for opt in (config.optimizer, config.pretrain.optimizer):
+    check_choice("optimizer.name", opt.name, optim.OPTIMIZERS)
+    check_choice("optimizer.schedule", opt.schedule, optim.SCHEDULES)
+  check_choice("mask.granularity", config.mask.granularity, masks.GRANULARITIES)
+  if not 0.0 <= config.mask.fixed_fraction < 1.0:
+    raise ConfigError(f"mask.fixed_fraction={config.mask.fixed_fraction!r} is out of range; allowed: 0 <= f < 1.")
+  variants_of(config)
+  for key, value in (("batch_size", config.batch_size), ("eval_batch_size", config.eval_batch_size),
+                     ("pretrain.num_epochs", config.pretrain.num_epochs),
+                     ("pretrain.batch_size", config.pretrain.batch_size)):
+    if value < 1:
+      raise ConfigError(f"{key}={value!r} must be >= 1.")
+
+
+def validate(config) -> None:
+  """Checks every value the run depends on before any data is read or file written."""
+  validate_finetune(config)
+  check_choice("dataset", config.dataset, data.DATASET_NAMES)
+  if config.soup.num_models < 2:
+    raise ConfigError(f"soup.num_models={config.soup.num_models!r} must be >= 2 (a soup needs ingredients).")
+  if min(parse_list("soup.lr_factors", config.soup.lr_factors, float)) <= 0:
+    raise ConfigError(f"soup.lr_factors={config.soup.lr_factors!r} must all be > 0.")
+  if min(parse_list("soup.epochs", config.soup.epochs, int)) < 1:
+    raise ConfigError(f"soup.epochs={config.soup.epochs!r} must all be >= 1.")
+  parse_list("soup.augment", config.soup.augment, str, AUGMENTATIONS)
+  for key in ("num_train", "num_heldout"):
+    if config.split[key] < 1:
+      raise ConfigError(f"split.{key}={config.split[key]!r} must be >= 1.")
+
+
+def draw_hyperparameters(config) -> list[dict[str, Any]]:
+  """Model k's learning-rate factor, epochs and augmentation, drawn with soup.hparam_seed."""
+  rng = np.random.default_rng(config.soup.hparam_seed)
+  lr_factors = parse_list("soup.lr_factors", config.soup.lr_factors, float)
+  epochs = parse_list("soup.epochs", config.soup.epochs, int)
+  augments = parse_list("soup.augment", config.soup.augment, str, AUGMENTATIONS)
+  return [{"lr_factor": float(rng.choice(lr_factors)), "epochs": int(rng.choice(epochs)),
+           "augment": str(rng.choice(augments)), "data_seed": config.data_seed + k}
+          for k in range(config.soup.num_models)]
+
+
+def starting_masks(config, params) -> dict[str, Any]:
+  """Each variant's fixed mask: entries outside `finetune.trainable`, plus (tna) the shared
+  TNA-PFN mask. Used by `soup` and `cold` alike."""
+  frozen = transformers.frozen_except(params, config.finetune.trainable)
+  tna = masks.fixed_mask(params, config.mask.fixed_fraction, seed=config.mask.seed,
+                         granularity=config.mask.granularity, include=config.mask.include,
+                         exclude=config.mask.exclude)
+  return {"vanilla": frozen, "tna": jax.tree.map(np.logical_or, frozen, tna)}
+
+
+# ----------------------------------------------------------------------------- run
+
+
+def run(config, workdir: str) -> dict[str, Any]:
+  """Fine-tunes the K models of each variant, makes the soups and writes everything."""
+  validate(config)
+  check_workdir(workdir, config.overwrite)
+  dataset = data.load_dataset(config.dataset, config.data_dir, None, config.num_test or None)
+  split = config.split
+  finetune_ds = pretrained.train_range(dataset, split.start, split.num_train, "split")
+  heldout = pretrained.train_range(dataset, split.start + split.num_train, split.num_heldout, "split.num_heldout")
+  # train.fit reports its per-epoch "test" metrics on the held-out split: the test split stays unseen.
+  finetune_ds = dataclasses.replace(finetune_ds, test_images=heldout.train_images, test_labels=heldout.train_labels)
+
+  os.makedirs(workdir, exist_ok=True)
+  start = time.perf_counter()
+  model = models.get_model(config.model, dataset.num_classes)
+  base = pretrained.load_base(config, model, dataset, workdir)
+  pretrain_seconds = time.perf_counter() - start
+  fixed = starting_masks(config, base["params"])
+  variants = variants_of(config)
+  hparams = draw_hyperparameters(config)
+
+  start = time.perf_counter()
+  stacked = finetune(config, model, base, fixed, variants, hparams, finetune_ds, workdir)
+  train_seconds = time.perf_counter() - start
+
+  start = time.perf_counter()
+  batches = {"heldout": evaluate.make_batches(heldout.train_images, heldout.train_labels, config.eval_batch_size),
+             "test": evaluate.make_batches(dataset.test_images, dataset.test_labels, config.eval_batch_size)}
+  results = {"config": config.to_dict(), "hyperparameters": hparams,
+             "variants": {v: make_soups(model, stacked[v], batches, dataset) for v in variants}}
+  soup_seconds = time.perf_counter() - start
+  results["seconds"] = {"base": pretrain_seconds, "finetune": train_seconds, "soups": soup_seconds}
+
+  rows = summary_rows(results["variants"])
+  write_outputs(workdir, config, results, base, fixed, stacked)
+  print(f"\nPer model (held-out / test accuracy %, {config.model.name} on {config.dataset}):")
+  print(reporting.format_table(model_rows(results), model_columns(variants)))
+  print(f"\nModel soups of {config.soup.num_models} fine-tuned models (base {pretrain_seconds:.0f}s, "
+        f"fine-tuning {train_seconds:.0f}s, soups {soup_seconds:.1f}s):")
+  print(reporting.format_table(rows, SUMMARY_COLUMNS))
+  print(f"\nResults, soup.png and checkpoints in {workdir}")
+  return results
+
+
+def finetune(config, model, base: dict, fixed: dict, variants: list[str], hparams: list[dict],
+             dataset: data.Dataset, workdir: str) -> dict[str, train.TrainState]:
+  """Trains every (variant, model) pair; one vmapped `train.fit` per augmentation setting.
+
+  Returns each variant's K trained states stacked in model order.
+  """
+  steps_per_epoch = len(dataset.train_labels) // config.batch_size
+  if steps_per_epoch < 1:
+    raise ConfigError(f"split.num_train={len(dataset.train_labels)} is smaller than batch_size={config.batch_size}.")
+  max_epochs = max(h["epochs"] for h in hparams)
+  tx = optax.chain(optim.make_optimizer(config.optimizer, steps_per_epoch * max_epochs), soup.per_model_run())
+  metrics_path = os.path.join(workdir, "metrics.jsonl")
+  if os.path.exists(metrics_path):
+    os.remove(metrics_path)
+  trained = {}
+  for augment in sorted({h["augment"] for h in hparams}):
+    members = [(v, k) for v in variants for k, h in enumerate(hparams) if h["augment"] == augment]
+    states = train.stack([
+        soup.set_run(train.init_train_state(tx, base, fixed[v]), hparams[k]["lr_factor"],
+                     hparams[k]["epochs"] * steps_per_epoch) for v, k in members])
+    names = [f"{v}_{k}" for v, k in members]
+    print(f"fine-tuning {', '.join(names)} (augment {augment}) in one program; per-epoch accuracy is held-out")
+    states, _ = train.fit(
+        model, tx, states, [hparams[k]["data_seed"] for _, k in members], dataset,
+        num_epochs=max(hparams[k]["epochs"] for _, k in members), batch_size=config.batch_size,
+        eval_batch_size=config.eval_batch_size, flip="flip" in augment,
+        crop_padding=config.soup.crop_padding if "crop" in augment else 0,
+        on_epoch=lambda record, names=names: reporting.append_jsonl(metrics_path, {"models": names, **{
+            key.replace("test_", "heldout_"): value for key, value in record.items()}}))
+    for i, member in enumerate(members):
+      trained[member] = train.unstack(states, i)
+  return {v: train.stack([trained[(v, k)] for k in range(len(hparams))]) for v in variants}
+
+
+def make_soups(model, states: train.TrainState, batches: dict, dataset: data.Dataset) -> dict[str, Any]:
+  """Held-out and test accuracy of every model, the uniform and greedy soups, the best model.
+
+  The K models and the two soups are evaluated together: one compiled call per split.
+  """
+  stacked = states.variables
+  k = jax.tree.leaves(stacked)[0].shape[0]
+  uniform = soup.uniform_soup(stacked)
+  greedy = soup.greedy_soup(model, stacked, batches["heldout"], dataset.mean, dataset.std)
+  everything = jax.tree.map(lambda x, u, g: np.concatenate([x, u[None], g[None]]), stacked, uniform, greedy.variables)
+  accuracy = {split: np.asarray(soup.evaluate_stack(model, everything, b, dataset.mean, dataset.std)["accuracy"])
+              for split, b in batches.items()}
+  best = int(greedy.order[0])
+  return {
+      "individual": {split: acc[:k].tolist() for split, acc in accuracy.items()},
+      "best_single": {"index": best, "heldout": float(accuracy["heldout"][best]), "test": float(accuracy["test"][best])},
+      "uniform": {split: float(acc[k]) for split, acc in accuracy.items()},
+      "greedy": {"heldout": float(accuracy["heldout"][k + 1]), "test": float(accuracy["test"][k + 1]),
+                 "ingredients": np.flatnonzero(np.asarray(greedy.ingredients)).tolist(),
+                 "order": np.asarray(greedy.order).tolist(),
+                 "candidate_heldout": np.asarray(greedy.candidate_accuracy).tolist()},
+      "soups": {"uniform": uniform, "greedy": greedy.variables},
+  }
+
+
+# ----------------------------------------------------------------------------- outputs
+
+
+def summary_rows(per_variant: dict) -> list[dict]:
+  rows = []
+  for variant, r in per_variant.items():
+    k = len(r["individual"]["test"])
+    rows += [
+        {"variant": variant, "method": "mean of models", "heldout": 100 * np.mean(r["individual"]["heldout"]),
+         "test": 100 * np.mean(r["individual"]["test"]), "models": f"{k}"},
+        {"variant": variant, "method": "best single", "heldout": 100 * r["best_single"]["heldout"],
+         "test": 100 * r["best_single"]["test"], "models": f"#{r['best_single']['index']}"},
+        {"variant": variant, "method": "uniform soup", "heldout": 100 * r["uniform"]["heldout"],
+         "test": 100 * r["uniform"]["test"], "models": f"{k}/{k}"},
+        {"variant": variant, "method": "greedy soup", "heldout": 100 * r["greedy"]["heldout"],
+         "test": 100 * r["greedy"]["test"], "models": f"{len(r['greedy']['ingredients'])}/{k}"},
+    ]
+  return rows
+
+
+def model_columns(variants: list[str]) -> tuple:
+  return (("model", "k", "d"), ("lr factor", "lr_factor", "g"), ("epochs", "epochs", "d"), ("augment", "augment", "s"),
+          *((f"{v} held-out", f"{v}_heldout", ".2f") for v in variants),
+          *((f"{v} test", f"{v}_test", ".2f") for v in variants))
+
+
+def model_rows(results: dict) -> list[dict]:
+  rows = []
+  for k, h in enumerate(results["hyperparameters"]):
+    row = {"k": k, **h}
+    for v, r in results["variants"].items():
+      row[f"{v}_heldout"] = 100 * r["individual"]["heldout"][k]
+      row[f"{v}_test"] = 100 * r["individual"]["test"][k]
+    rows.append(row)
+  return rows
+
+
+def write_outputs(workdir: str, config, results: dict, base: dict, fixed: dict, stacked: dict) -> None:
+  """Checkpoints (base, masks, every model, the soups), soup.png and results.json (last)."""
+  ckpt_dir = os.path.join(workdir, "checkpoints")
+  checkpoints.save(os.path.join(ckpt_dir, "base"), base)
+  for variant, r in results["variants"].items():
+    checkpoints.save(os.path.join(ckpt_dir, f"{variant}_mask"), fixed[variant])
+    for k in range(config.soup.num_models):
+      checkpoints.save(os.path.join(ckpt_dir, f"{variant}_{k}"), train.unstack(stacked[variant].variables, k))
+    for name, variables in r.pop("soups").items():
+      checkpoints.save(os.path.join(ckpt_dir, f"{variant}_{name}"), variables)
+  plot_soups(os.path.join(workdir, "soup.png"), results["variants"],
+             f"Model soups: {config.soup.num_models} x {config.model.name} on {config.dataset}")
+  reporting.write_json(os.path.join(workdir, "results.json"), results)
+
+
+def plot_soups(path: str, per_variant: dict, title: str) -> None:
+  """Held-out vs test accuracy: every model as a dot, the soups and the best model marked."""
+  fig, ax = pyplot().subplots(figsize=(6.5, 5))
+  for i, (variant, r) in enumerate(per_variant.items()):
+    color = f"C{i}"
+    ax.scatter(100 * np.asarray(r["individual"]["heldout"]), 100 * np.asarray(r["individual"]["test"]), color=color,
+               alpha=0.6, label=f"{variant}: fine-tuned models")
+    for key, marker in (("uniform", "*"), ("greedy", "D")):
+      ax.scatter(100 * r[key]["heldout"], 100 * r[key]["test"], color=color, marker=marker, s=160,
+                 edgecolor="black", label=f"{variant}: {key} soup")
+  ax.set(xlabel="held-out accuracy (%)", ylabel="test accuracy (%)", title=title)
+  ax.grid(alpha=0.3)
+  ax.legend(fontsize=8)
+  save_figure(fig, path)
+
+
+def pyplot():
+  """matplotlib.pyplot on the Agg backend (no display needed)."""
+  import matplotlib  # pylint: disable=g-import-not-at-top
+  matplotlib.use("Agg")
+  import matplotlib.pyplot as plt  # pylint: disable=g-import-not-at-top
+  return plt
+
+
+def save_figure(fig, path: str) -> None:
+  """Saves a PNG through a temporary file and a rename, then closes the figure."""
+  fig.tight_layout()
+  tmp = path + ".tmp.png"
+  fig.savefig(tmp, dpi=120)
+  pyplot().close(fig)
+  os.replace(tmp, path)
