@@ -11,6 +11,7 @@ from tna_jax.errors import check_choice
 
 EXPERIMENTS = {
     "lmc": "tna_jax.experiments.lmc",
+    "fed": "tna_jax.experiments.fed",
     "soup": "tna_jax.experiments.soup",
     "cold": "tna_jax.experiments.cold",
 }

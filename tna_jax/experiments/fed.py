@@ -1,0 +1,313 @@
+"""The `fed` experiment: FedAvg, FedProx, FedPFN, FedPNU (and variants) under non-IID splits.
+
+Every algorithm starts from the same initialization and trains on the same partition, the
+same sampled clients and the same client data orders, one compiled program per round
+(`federated.algorithms.make_round`, shared by all algorithms). The global model is tested
+after every `eval_every` rounds: on the test set, and on the test set reweighted to each
+client's label mix (its local accuracy).
+
+Writes to the workdir: config.json, label_distribution.png, metrics.jsonl and tensorboard/
+(per round), checkpoints/<algorithm>/round_<r> (orbax, every `checkpoint_every` rounds) with
+history_<r>.json beside it, and at the end results.json and accuracy.png. An interrupted
+run started again with the same command resumes each algorithm from its last checkpoint
+and ends with the same parameters as an uninterrupted run; a finished run continues to a
+larger num_rounds with --config.overwrite=True.
+"""
+
+import json
+import os
+import re
+import shutil
+import time
+from typing import Any
+
+from absl import logging
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from tna_jax import checkpoints, data, evaluate, masks, metric_writer, models, optim, reporting, sharding
+from tna_jax.errors import ConfigError, check_choice
+from tna_jax.experiments.lmc import check_workdir
+from tna_jax.federated import algorithms, client, partition
+
+# Keys that may change between a run and its resumption: they do not change any round.
+RESUMABLE_CHANGES = ("num_rounds", "overwrite", "algorithms", "checkpoint_every", "final_rounds", "eval_batch_size")
+KEEP_CHECKPOINTS = 2
+_CHECKPOINT_RE = re.compile(r"^round_(\d+)$")
+
+TABLE_COLUMNS = (
+    ("algorithm", "algorithm", "s"),
+    ("final acc %", "final_accuracy", ".2f"),
+    ("best acc %", "best_accuracy", ".2f"),
+    ("last round %", "last_accuracy", ".2f"),
+    ("local acc %", "local_accuracy", ".2f"),
+    ("worst client %", "worst_client_accuracy", ".2f"),
+    ("rounds", "rounds", "d"),
+    ("s/round", "seconds_per_round", ".2f"),
+)
+
+
+def algorithms_of(config) -> list[algorithms.Algorithm]:
+  """The algorithms to compare, from the comma-separated `config.algorithms`."""
+  names = [n.strip() for n in config.algorithms.split(",") if n.strip()]
+  if not names:
+    raise ConfigError(f"algorithms={config.algorithms!r} names no algorithm; allowed: "
+                      f"{', '.join(algorithms.BASES)} with modifiers +{', +'.join(algorithms.MODIFIERS)}.")
+  if len(set(names)) != len(names):
+    raise ConfigError(f"algorithms={config.algorithms!r} names an algorithm twice.")
+  return [algorithms.parse(n) for n in names]
+
+
+def validate(config) -> None:
+  """Checks every value the run depends on before any data is read or file written."""
+  check_choice("dataset", config.dataset, data.DATASET_NAMES)
+  check_choice("model.name", config.model.name, models.MODEL_NAMES)
+  check_choice("optimizer.name", config.optimizer.name, optim.OPTIMIZERS)
+  check_choice("partition.kind", config.partition.kind, partition.KINDS)
+  check_choice("mask.granularity", config.mask.granularity, masks.GRANULARITIES)
+  check_choice("mask.redraw", config.mask.redraw, algorithms.MASK_REDRAW)
+  algorithms_of(config)
+  if not 0.0 <= config.mask.fixed_fraction < 1.0:
+    raise ConfigError(f"mask.fixed_fraction={config.mask.fixed_fraction!r} is out of range; allowed: 0 <= "
+                      "mask.fixed_fraction < 1.")
+  if not 0.0 < config.client_fraction <= 1.0:
+    raise ConfigError(f"client_fraction={config.client_fraction!r} is out of range; allowed: 0 < client_fraction <= 1.")
+  for key, value, low in (("partition.num_clients", config.partition.num_clients, 1),
+                          ("num_rounds", config.num_rounds, 1), ("local_epochs", config.local_epochs, 1),
+                          ("batch_size", config.batch_size, 1), ("eval_every", config.eval_every, 1),
+                          ("checkpoint_every", config.checkpoint_every, 1), ("final_rounds", config.final_rounds, 1),
+                          ("client_batch", config.client_batch, 0), ("eval_batch_size", config.eval_batch_size, 1)):
+    if value < low:
+      raise ConfigError(f"{key}={value!r} must be >= {low}.")
+  for key in ("prox_mu", "server.momentum"):
+    value = config.prox_mu if key == "prox_mu" else config.server.momentum
+    if value < 0:
+      raise ConfigError(f"{key}={value!r} must be >= 0.")
+  if not config.server.learning_rate > 0 or not config.lr_decay_per_round > 0:
+    raise ConfigError(f"server.learning_rate={config.server.learning_rate!r} and lr_decay_per_round="
+                      f"{config.lr_decay_per_round!r} must be > 0.")
+
+
+def prepare_workdir(workdir: str, config) -> None:
+  """Refuses to clobber results; keeps checkpoints only if they come from this very config.
+
+  Checkpoints written under a config that differs in anything but RESUMABLE_CHANGES cannot
+  be continued: that is an error, or with overwrite=True they are discarded.
+  """
+  saved_path = os.path.join(workdir, "config.json")
+  ckpt_dir = os.path.join(workdir, "checkpoints")
+  if os.path.exists(saved_path) and os.path.isdir(ckpt_dir):
+    with open(saved_path) as f:
+      saved = json.load(f)
+    now = json.loads(json.dumps(config.to_dict()))
+    changed = sorted(k for k in set(saved) | set(now) if k not in RESUMABLE_CHANGES and saved.get(k) != now.get(k))
+    if changed and not config.overwrite:
+      raise ConfigError(f"workdir {workdir!r} holds checkpoints of a run whose config differs in {', '.join(changed)}; "
+                        "use a new --workdir, or --config.overwrite=True to discard them.")
+    if changed:
+      shutil.rmtree(ckpt_dir)
+  reporting.write_json(saved_path, config.to_dict())
+
+
+def run(config, workdir: str) -> dict[str, Any]:
+  """Runs every algorithm of `config.algorithms` and writes the comparison to `workdir`."""
+  validate(config)
+  check_workdir(workdir, config.overwrite)
+  dataset = data.load_dataset(config.dataset, config.data_dir, config.num_train or None, config.num_test or None)
+  parts = partition.partition(dataset.train_labels, config.partition.kind, config.partition.num_clients,
+                              seed=config.partition.seed, alpha=config.partition.alpha,
+                              classes_per_client=config.partition.classes_per_client,
+                              min_client_size=config.partition.min_client_size)
+  counts = partition.label_counts(dataset.train_labels, parts, dataset.num_classes)
+  split = partition.summary(counts)
+  prepare_workdir(workdir, config)
+  if sharding.is_writer():
+    partition.plot_label_distribution(os.path.join(workdir, "label_distribution.png"), counts,
+                                      f"{config.partition.kind} split of {config.dataset} over {len(parts)} clients")
+  print(f"Partition {config.partition.kind}: {len(parts)} clients, sizes {split['size_min']}..{split['size_max']} "
+        f"(mean {split['size_mean']:.0f}), {split['classes_per_client_mean']:.1f} classes per client on average.")
+
+  model = models.get_model(config.model, dataset.num_classes)
+  variables = models.init_variables(model, jax.random.key(config.init_seed), dataset.image_shape)
+  clients = client.pack(parts)
+  spec = round_spec(config, len(parts))
+  mesh = sharding.make_mesh(spec.client_batch or spec.clients_per_round, config.batch_size)
+  tx = optim.make_optimizer(config.optimizer, config.local_epochs * client.num_steps(clients.max_size,
+                                                                                      config.batch_size))
+  round_fn = algorithms.make_round(model, tx, clients, spec, mean=dataset.mean, std=dataset.std, mesh=mesh)
+  train_set = tuple(sharding.shard_rows(a, mesh) for a in (dataset.train_images, dataset.train_labels))
+  evaluate_fn = make_evaluate(model, dataset, counts, config)
+  mask_spec = spec.mask
+
+  writer = metric_writer.MetricWriter(workdir, resume=os.path.isdir(os.path.join(workdir, "checkpoints")))
+  summaries, histories = [], {}
+  for algorithm in algorithms_of(config):
+    state = algorithms.init(algorithm, variables, mask_spec, local_epochs=config.local_epochs,
+                            prox_mu=config.prox_mu, server_learning_rate=config.server.learning_rate,
+                            server_momentum=config.server.momentum)
+    history = train_algorithm(algorithm.name, state, round_fn, train_set, evaluate_fn, config, workdir, writer)
+    histories[algorithm.name] = history
+    summaries.append(summarize(algorithm.name, history, config.final_rounds))
+  writer.close()
+
+  results = {"config": config.to_dict(), "partition": split, "summary": summaries, "history": histories}
+  plot_accuracy(os.path.join(workdir, "accuracy.png"), histories,
+                f"{config.model.name} on {config.dataset}, {config.partition.kind} split, {len(parts)} clients")
+  reporting.write_json(os.path.join(workdir, "results.json"), results)
+  print(f"\nGlobal test accuracy ({config.num_rounds} rounds; final = mean of the last {config.final_rounds} "
+        "evaluations; local = test set reweighted to each client's labels, mean and worst client):")
+  print(reporting.format_table(summaries, TABLE_COLUMNS))
+  print(f"\nResults, plots and checkpoints in {workdir}")
+  return results
+
+
+def round_spec(config, num_clients: int) -> algorithms.RoundSpec:
+  """The RoundSpec of a config; client_batch 0 means all clients at once on GPU/TPU, one at a
+  time on CPU (XLA:CPU runs vmapped convolutions as slow grouped ones)."""
+  client_batch = config.client_batch or (1 if jax.default_backend() == "cpu" else 0)
+  return algorithms.RoundSpec(
+      batch_size=config.batch_size, local_epochs=config.local_epochs,
+      clients_per_round=max(1, round(config.client_fraction * num_clients)), data_seed=config.data_seed,
+      sample_seed=config.sample_seed, lr_decay=config.lr_decay_per_round, client_batch=client_batch,
+      mask=algorithms.MaskSpec(fixed_fraction=config.mask.fixed_fraction, seed=config.mask.seed,
+                               granularity=config.mask.granularity, include=config.mask.include,
+                               exclude=config.mask.exclude, redraw=config.mask.redraw))
+
+
+def make_evaluate(model, dataset: data.Dataset, counts: np.ndarray, config):
+  """`evaluate(params, batch_stats) -> {'loss', 'accuracy'}`, each [1 + clients] when
+  config.client_eval (row 0 the plain test set, row 1 + c client c's label mix), else [1].
+
+  One compiled call: the weight rows are vmapped and the forward pass, which does not
+  depend on them, runs once.
+  """
+  batches = evaluate.make_batches(dataset.test_images, dataset.test_labels, config.eval_batch_size)
+  rows = [np.ones(len(dataset.test_labels), np.float32)]
+  if config.client_eval:
+    rows += list(partition.local_test_weights(dataset.test_labels, counts))
+  padded = batches.weights.size - len(dataset.test_labels)
+  weights = jnp.asarray(np.stack([np.pad(r, (0, padded)) for r in rows]).reshape((len(rows),) + batches.weights.shape))
+  apply_fn = evaluate.inference_fn(model)
+
+  @jax.jit
+  def evaluate_all(params, batch_stats, batches, weights):
+    variables = {"params": params, **({"batch_stats": batch_stats} if batch_stats else {})}
+    return jax.vmap(lambda w: evaluate.evaluate(apply_fn, variables, batches._replace(weights=w), dataset.mean,
+                                                dataset.std))(weights)
+
+  return lambda params, batch_stats: evaluate_all(params, batch_stats, batches, weights)
+
+
+def train_algorithm(name: str, state: algorithms.ServerState, round_fn, train_set, evaluate_fn, config, workdir: str,
+                    writer: metric_writer.MetricWriter) -> list[dict]:
+  """Runs one algorithm to config.num_rounds, resuming from its latest checkpoint."""
+  from tqdm import tqdm  # pylint: disable=g-import-not-at-top
+
+  ckpt_dir = os.path.join(workdir, "checkpoints", name)
+  state, history = restore_latest(ckpt_dir, state, config.num_rounds)
+  start = int(state.round)
+  if start:
+    logging.info("%s: resuming after round %d", name, start)
+  bar = tqdm(range(start, config.num_rounds), desc=name, unit="round", initial=start, total=config.num_rounds,
+             dynamic_ncols=True, disable=not sharding.is_writer())
+  for r in bar:
+    began = time.perf_counter()
+    state, client_metrics = round_fn(state, *train_set)
+    record = {"round": r + 1, "clients": client_metrics["clients"],
+              **{f"train_{k}": float(np.mean(v)) for k, v in sharding.fetch(client_metrics).items() if k != "clients"}}
+    if (r + 1) % config.eval_every == 0 or r + 1 == config.num_rounds:
+      tested = sharding.fetch(evaluate_fn(state.params, state.batch_stats))
+      record.update(test_loss=float(tested["loss"][0]), test_accuracy=float(tested["accuracy"][0]))
+      if config.client_eval:
+        record["client_accuracy"] = tested["accuracy"][1:].tolist()
+      bar.set_postfix(test_acc=f"{record['test_accuracy']:.4f}")
+    record["seconds"] = time.perf_counter() - began
+    history.append(record)
+    writer.write(r + 1, {f"{name}/{k}": v for k, v in record.items() if k not in ("round", "clients", "client_accuracy")})
+    if (r + 1) % config.checkpoint_every == 0 or r + 1 == config.num_rounds:
+      save_checkpoint(ckpt_dir, state, history)
+  return history
+
+
+def save_checkpoint(ckpt_dir: str, state: algorithms.ServerState, history: list[dict]) -> None:
+  """history_<r>.json, then the orbax state round_<r> (which marks the pair complete); keeps the latest few."""
+  r = int(state.round)
+  reporting.write_json(os.path.join(ckpt_dir, f"history_{r}.json"), history)
+  checkpoints.save(os.path.join(ckpt_dir, f"round_{r}"), state)
+  for old in saved_rounds(ckpt_dir)[:-KEEP_CHECKPOINTS]:
+    _remove_round(ckpt_dir, old)
+
+
+def saved_rounds(ckpt_dir: str) -> list[int]:
+  """Rounds with a complete checkpoint, ascending (orbax renames a finished save into place)."""
+  if not os.path.isdir(ckpt_dir):
+    return []
+  rounds = [int(m.group(1)) for m in map(_CHECKPOINT_RE.match, os.listdir(ckpt_dir)) if m]
+  return sorted(r for r in rounds if os.path.exists(os.path.join(ckpt_dir, f"history_{r}.json")))
+
+
+def restore_latest(ckpt_dir: str, fresh: algorithms.ServerState, num_rounds: int):
+  """(state, history) of the latest checkpoint at or before num_rounds, else (fresh, []).
+
+  Checkpoints past num_rounds (from a longer earlier run) are removed, since this run will
+  write its own.
+  """
+  rounds = saved_rounds(ckpt_dir)
+  for later in (r for r in rounds if r > num_rounds):
+    _remove_round(ckpt_dir, later)
+  usable = [r for r in rounds if r <= num_rounds]
+  if not usable:
+    return fresh, []
+  r = usable[-1]
+  state = checkpoints.restore(os.path.join(ckpt_dir, f"round_{r}"), like=fresh)
+  with open(os.path.join(ckpt_dir, f"history_{r}.json")) as f:
+    return jax.tree.map(jnp.asarray, state), json.load(f)
+
+
+def _remove_round(ckpt_dir: str, r: int) -> None:
+  if sharding.is_writer():
+    shutil.rmtree(os.path.join(ckpt_dir, f"round_{r}"), ignore_errors=True)
+    os.remove(os.path.join(ckpt_dir, f"history_{r}.json"))
+
+
+def summarize(name: str, history: list[dict], final_rounds: int) -> dict[str, Any]:
+  """One table row: accuracy over the last `final_rounds` evaluations (the paper's measure)."""
+  tested = [h for h in history if "test_accuracy" in h]
+  last = tested[-final_rounds:]
+  row = {"algorithm": name, "rounds": history[-1]["round"],
+         "final_accuracy": 100 * float(np.mean([h["test_accuracy"] for h in last])),
+         "best_accuracy": 100 * max(h["test_accuracy"] for h in tested),
+         "last_accuracy": 100 * tested[-1]["test_accuracy"],
+         "seconds_per_round": float(np.median([h["seconds"] for h in history]))}
+  if "client_accuracy" in last[-1]:
+    local = 100 * np.mean([h["client_accuracy"] for h in last], axis=0)
+    row.update(local_accuracy=float(local.mean()), worst_client_accuracy=float(local.min()))
+  return row
+
+
+def plot_accuracy(path: str, histories: dict[str, list[dict]], title: str) -> None:
+  """Test accuracy and loss of the global model against the round, one line per algorithm."""
+  if not sharding.is_writer():
+    return
+  import matplotlib  # pylint: disable=g-import-not-at-top
+  matplotlib.use("Agg")
+  import matplotlib.pyplot as plt  # pylint: disable=g-import-not-at-top
+
+  fig, (ax_acc, ax_loss) = plt.subplots(1, 2, figsize=(11, 4))
+  for name, history in histories.items():
+    tested = [h for h in history if "test_accuracy" in h]
+    rounds = [h["round"] for h in tested]
+    ax_acc.plot(rounds, [100 * h["test_accuracy"] for h in tested], label=name)
+    ax_loss.plot(rounds, [h["test_loss"] for h in tested], label=name)
+  ax_acc.set(xlabel="round", ylabel="test accuracy (%)", title="global model accuracy")
+  ax_loss.set(xlabel="round", ylabel="test loss", title="global model loss")
+  for ax in (ax_acc, ax_loss):
+    ax.grid(alpha=0.3)
+    ax.legend()
+  fig.suptitle(title)
+  fig.tight_layout()
+  tmp = path + ".tmp.png"
+  fig.savefig(tmp, dpi=120)
+  plt.close(fig)
+  os.replace(tmp, path)
