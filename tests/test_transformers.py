@@ -8,7 +8,7 @@ import ml_collections
 import numpy as np
 import pytest
 
-from tna_jax import data, masks, models, optim, pretrained, text_data, train, transformers
+from tna_jax import checkpoints, data, masks, models, optim, pretrained, text_data, train, transformers
 from tna_jax.errors import ConfigError, DataNotFoundError
 from tna_jax.tree_utils import path_str
 
@@ -233,3 +233,20 @@ def test_relabel_and_parse_groups():
   for bad in ("0+x/1", "0/0", "0/10", "3"):
     with pytest.raises(ConfigError):
       pretrained.parse_groups(bad, 10)
+
+
+def test_an_orbax_base_lands_on_the_model_with_a_fresh_head(tmp_path):
+  model = models.get_model(ml_collections.ConfigDict(dict(name="mlp", depth=1, width=8)), 5)
+  pretrained_variables = {"params": _random_params(model, seed=4)}
+  checkpoints.save(str(tmp_path / "ckpt"), pretrained_variables)
+  config = ml_collections.ConfigDict(dict(init_seed=0, base=dict(source="orbax", path=str(tmp_path / "ckpt"),
+                                                                 reinit="^head/")))
+  ds = data.Dataset("toy", np.zeros((4,) + IMAGE_SHAPE, np.uint8), np.zeros(4, np.int32),
+                    np.zeros((4,) + IMAGE_SHAPE, np.uint8), np.zeros(4, np.int32), 5, (0.0,), (1.0,))
+  base = pretrained.load_base(config, model, ds, str(tmp_path / "run"))
+  fresh = models.init_variables(model, jax.random.key(0), IMAGE_SHAPE)["params"]
+  _assert_trees_equal(base["params"]["fc1"], pretrained_variables["params"]["fc1"])
+  _assert_trees_equal(base["params"]["head"], fresh["head"])
+  config.base.path = str(tmp_path / "missing")
+  with pytest.raises(DataNotFoundError, match="not an orbax checkpoint directory"):
+    pretrained.load_base(config, model, ds, str(tmp_path / "run"))

@@ -241,10 +241,10 @@ def run(config, workdir: str) -> dict[str, Any]:
                       config.num_test or None)
   model = models.get_model(config.model, max(tasks.num_classes))
 
-  os.makedirs(workdir, exist_ok=True)
   start = time.perf_counter()
-  base = pretrained.load_base(config, model, source, workdir)
+  base = pretrained.load_base(config, model, source, workdir)  # a missing checkpoint stops here, before the workdir
   base_seconds = time.perf_counter() - start
+  os.makedirs(workdir, exist_ok=True)
   variants = soup_experiment.variants_of(config)
   fixed = soup_experiment.starting_masks(config, base["params"])
   heads = train.stack([task_head(model, config.init_seed + t, source.image_shape, k)

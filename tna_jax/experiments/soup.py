@@ -136,11 +136,11 @@ def run(config, workdir: str) -> dict[str, Any]:
   # train.fit reports its per-epoch "test" metrics on the held-out split: the test split stays unseen.
   finetune_ds = dataclasses.replace(finetune_ds, test_images=heldout.train_images, test_labels=heldout.train_labels)
 
-  os.makedirs(workdir, exist_ok=True)
   start = time.perf_counter()
   model = models.get_model(config.model, dataset.num_classes)
-  base = pretrained.load_base(config, model, dataset, workdir)
+  base = pretrained.load_base(config, model, dataset, workdir)  # a missing checkpoint stops here, before the workdir
   pretrain_seconds = time.perf_counter() - start
+  os.makedirs(workdir, exist_ok=True)
   fixed = starting_masks(config, base["params"])
   variants = variants_of(config)
   hparams = draw_hyperparameters(config)
