@@ -1,12 +1,18 @@
 """LMC curves: endpoints, identical models, vmapped curve vs a per-alpha loop, BN reset."""
 
+import json
+import os
+import subprocess
+import sys
+
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from tna_jax import evaluate, lmc
+from tna_jax import data, evaluate, lmc, models, repair
+from test_permutations import random_variables
 
 MEAN, STD = (0.5,), (0.25,)
 
@@ -108,3 +114,70 @@ def test_barriers_on_a_known_curve():
   assert result["loss_barrier_alpha"] == 0.5
   assert result["accuracy_barrier_pp"] == pytest.approx(35.0)
   assert result["accuracy_barrier_rel"] == pytest.approx(0.35 / 0.85)
+
+
+def _mlp_pair():
+  """Two library MLPs (REPAIR needs a model with a permutation spec) on _setup's data."""
+  model = models.get_model({"name": "mlp", "depth": 2, "width": 16}, 4)
+  return model, *(random_variables(model, (4, 4, 1), seed) for seed in (0, 1))
+
+
+def test_repair_curve_keeps_endpoints_and_repairs_the_midpoint():
+  model, va, vb = _mlp_pair()
+  _, _, _, batches, images = _setup()
+  reset_images = jnp.asarray(images[:256].reshape(4, 64, 4, 4, 1))
+  alphas = jnp.linspace(0, 1, 3)
+  raw = jax.device_get(lmc.lmc_curve(model, va, vb, alphas, batches, MEAN, STD))
+  repaired = jax.device_get(lmc.lmc_curve(model, va, vb, alphas, batches, MEAN, STD, repair=True,
+                                          reset_images=reset_images))
+  np.testing.assert_allclose(repaired["loss"][[0, -1]], raw["loss"][[0, -1]], rtol=1e-5)
+  # The midpoint is the repaired interpolation, computed here step by step.
+  x = data.normalize(reset_images.reshape(256, 4, 4, 1), MEAN, STD)
+  sites = repair.sites(model, va)
+  target = lmc.interpolate(*(repair.channel_stats(model, v, x, sites) for v in (va, vb)), 0.5)
+  mid = _eval(model, repair.repair(model, lmc.interpolate(va, vb, 0.5), x, target), batches)
+  assert repaired["loss"][1] == pytest.approx(float(mid["loss"]), rel=1e-4)
+  assert not repaired["loss"][1] == pytest.approx(raw["loss"][1], rel=1e-3)
+  with pytest.raises(ValueError, match="need reset_images"):
+    lmc.lmc_curve(model, va, vb, alphas, batches, MEAN, STD, repair=True)
+
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+SMALL = ["--config.num_train=512", "--config.num_test=500", "--config.model.width=32", "--config.variants=vanilla,tna",
+         "--config.lmc.num_alphas=3"]
+
+
+def _main(workdir, *flags):
+  cmd = [sys.executable, "-m", "tna_jax.main", "--config=configs/fmnist_mlp.py:quick", f"--workdir={workdir}", *flags]
+  return subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=600)
+
+
+def test_lmc_experiment_with_weight_alignment_and_repair(tmp_path):
+  result = _main(tmp_path, *SMALL, "--config.align=weight", "--config.repair=True")
+  assert result.returncode == 0, result.stderr[-3000:]
+  for header in ("aligned loss barrier", "aligned acc barrier pp", "match iters", "match s", "raw+REPAIR"):
+    assert header in result.stdout
+  results = json.loads((tmp_path / "results.json").read_text())
+  assert set(results["aligned_curves"]) == {"vanilla", "vanilla +REPAIR", "tna", "tna +REPAIR"}
+  assert [row["curve"] for row in results["summary"]] == ["raw", "raw+REPAIR"] * 2
+  for variant, alignment in results["alignment"].items():
+    assert alignment["method"] == "weight" and alignment["iterations"] >= 1 and alignment["seconds"] > 0
+    # Aligning permutes model 1 without changing what it computes; REPAIR keeps endpoints.
+    for name in (variant, variant + " +REPAIR"):
+      for curves in (results["curves"], results["aligned_curves"]):
+        assert curves[name]["accuracy"][-1] == pytest.approx(results["curves"][variant]["accuracy"][-1], abs=1e-6)
+  for row in results["summary"]:
+    assert row["match_iterations"] == results["alignment"][row["variant"]]["iterations"]
+    assert np.isfinite(row["aligned_loss_barrier"])
+  assert (tmp_path / "lmc_curves_aligned.png").stat().st_size > 10_000
+  assert (tmp_path / "checkpoints" / "tna_1_aligned").is_dir() and (tmp_path / "checkpoints" / "tna_perms").is_dir()
+
+
+@pytest.mark.parametrize("flag,message", [
+    ("--config.align=magic", "align='magic' is not supported; allowed: none, weight, activation"),
+    ("--config.matching.solver=lapjv", "matching.solver='lapjv' is not supported; allowed: auto, hungarian, scipy"),
+])
+def test_bad_alignment_config_is_one_clear_error(tmp_path, flag, message):
+  result = _main(tmp_path / "run", flag)
+  assert result.returncode == 2 and message in result.stderr and "Traceback" not in result.stderr
+  assert not (tmp_path / "run").exists()

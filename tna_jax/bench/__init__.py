@@ -8,4 +8,5 @@ Each figure is a function `figure(quick: bool) -> dict` registered in FIGURES by
 
 FIGURES: dict[str, str] = {
     # name: "tna_jax.bench.<module>:<function>"
+    "matching_speedup": "tna_jax.bench.matching:matching_speedup",
 }

@@ -26,7 +26,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from tna_jax import checkpoints, data, evaluate, lmc, masks, matching, models, optim, reporting, train
+from tna_jax import checkpoints, data, evaluate, lmc, masks, matching, models, optim, permutations, reporting, train
 from tna_jax.errors import ConfigError, check_choice
 
 VARIANTS = ("vanilla", "tna", "pruning")
@@ -79,6 +79,8 @@ def validate(config) -> None:
     check_choice("lmc.bn_modes", mode, lmc.BN_MODES)
   check_choice("align", config.align, ALIGN_CHOICES)
   check_choice("repair", config.repair, (False, True))
+  if config.align != "none" or config.repair:  # Both need the model's permutation spec.
+    permutations.describe(models.get_model(config.model, num_classes=10))
   check_choice("matching.solver", config.matching.solver, matching.SOLVERS)
   for key, value in (("matching.max_iterations", config.matching.max_iterations),
                      ("matching.batches", config.matching.batches), ("lmc.reset_batches", config.lmc.reset_batches)):
