@@ -24,7 +24,8 @@ def _repair_at(model, variables_a, variables_b, images, alphas):
     target = lmc.interpolate(stats_a, stats_b, alpha)
     repaired = repair.repair(model, plain, images, target)
     return (model.apply(plain, images, train=False), model.apply(repaired, images, train=False),
-            repair.channel_stats(model, repaired, images, sites), target, repair.channel_stats(model, plain, images, sites))
+            repair.channel_stats(model, repaired, images, sites), target,
+            repair.channel_stats(model, plain, images, sites))
 
   return jax.vmap(at)(alphas)
 
