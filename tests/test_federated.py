@@ -10,6 +10,7 @@ import jax
 import jax.numpy as jnp
 import ml_collections
 import numpy as np
+import optax
 import pytest
 
 from tna_jax import config_lib, masks, models, optim, train
@@ -149,20 +150,43 @@ def test_padding_and_group_size_do_not_change_a_round():
   _assert_trees_close(outs[0][0], outs[1][0])
 
 
-def test_fedprox_with_mu_zero_equals_fedavg_and_mu_pulls_clients_to_the_global_model():
-  images, labels = _dataset(400)
-  parts = partition.partition(labels, "dirichlet", 4, seed=0, alpha=0.5, min_client_size=20)
+def test_fedprox_minimizes_the_proximal_objective_and_with_mu_zero_equals_fedavg():
+  images, labels = _dataset(256)
   model, variables, tx = _setup(lr=0.1)
+  mu = 0.5
+  state = algorithms.init(algorithms.parse("fedprox"), variables, algorithms.MaskSpec(), local_epochs=1, prox_mu=mu)
+  after, _ = _round(model, tx, [np.arange(256)])(state, jnp.asarray(images), jnp.asarray(labels))
+
+  # Reference: plain gradient steps on loss + mu/2 ||w - w_global||^2, on the same batches.
+  anchor = variables["params"]
+
+  def objective(params, x, y):
+    logits = model.apply({"params": params}, (x.astype(jnp.float32) / 255 - MEAN[0]) / STD[0], train=True)
+    distance = sum(jnp.sum((p - a) ** 2) for p, a in zip(jax.tree.leaves(params), jax.tree.leaves(anchor)))
+    return optax.softmax_cross_entropy_with_integer_labels(logits, y).mean() + mu / 2 * distance
+
+  @jax.jit
+  def step(params, opt_state, x, y):
+    updates, opt_state = tx.update(jax.grad(objective)(params, x, y), opt_state, params,
+                                   fixed_mask=masks.no_mask(params))
+    return optax.apply_updates(params, updates), opt_state
+
+  params, opt_state = anchor, tx.init(anchor)
+  positions = client.epoch_positions(jax.random.fold_in(algorithms.client_key(0, 0, 0), 0), 256, 256, 32)
+  for batch in np.asarray(positions):
+    params, opt_state = step(params, opt_state, jnp.asarray(images[batch]), jnp.asarray(labels[batch]))
+  _assert_trees_close(after.params, params, rtol=1e-4, atol=1e-5)
+
+  parts = partition.partition(labels, "dirichlet", 4, seed=0, alpha=0.5, min_client_size=20)
   round_fn = _round(model, tx, parts, local_epochs=3)
-  data = (jnp.asarray(images), jnp.asarray(labels))
 
-  def after(name, mu):
+  def global_after(name, mu):
     state = algorithms.init(algorithms.parse(name), variables, algorithms.MaskSpec(), local_epochs=3, prox_mu=mu)
-    return round_fn(state, *data)[0].params
+    return round_fn(state, jnp.asarray(images), jnp.asarray(labels))[0].params
 
-  fedavg, prox0, prox = after("fedavg", 0.5), after("fedprox", 0.0), after("fedprox", 0.5)
+  fedavg, prox0, prox = global_after("fedavg", 0.5), global_after("fedprox", 0.0), global_after("fedprox", 0.5)
   _assert_trees_equal(fedavg, prox0)
-  moved = lambda p: sum(float(jnp.sum((a - b) ** 2)) for a, b in zip(_leaves(p), _leaves(variables["params"])))
+  moved = lambda p: sum(float(jnp.sum((a - b) ** 2)) for a, b in zip(_leaves(p), _leaves(anchor)))
   assert moved(prox) < 0.95 * moved(fedavg)
 
 

@@ -8,5 +8,6 @@ Each figure is a function `figure(quick: bool) -> dict` registered in FIGURES by
 
 FIGURES: dict[str, str] = {
     # name: "tna_jax.bench.<module>:<function>"
+    "fed_round_speedup": "tna_jax.bench.federated:fed_round_speedup",
     "matching_speedup": "tna_jax.bench.matching:matching_speedup",
 }
