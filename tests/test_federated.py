@@ -75,7 +75,7 @@ def test_partitions_cover_every_example_once_and_are_reproducible(kind):
   if kind == "iid":
     assert present.min() == 10 and max(len(p) for p in parts) - min(len(p) for p in parts) <= 1
   elif kind == "shards":
-    assert (present == 2).all()
+    assert (present == 2).all() and ((counts > 0).sum(0) == 4).all()  # every class held by 20 * 2 / 10 clients
   else:
     assert partition.summary(counts)["dominant_class_share_mean"] > 0.3  # skewed: iid would give ~0.1
 

@@ -162,6 +162,12 @@ def run(config, workdir: str) -> dict[str, Any]:
   return results
 
 
+def planned_models(config) -> int:
+  """Clients trained side by side in a round, for `main --dry_run`."""
+  spec = round_spec(config, config.partition.num_clients)
+  return spec.client_batch or spec.clients_per_round
+
+
 def round_spec(config, num_clients: int) -> algorithms.RoundSpec:
   """The RoundSpec of a config; client_batch 0 means all clients at once on GPU/TPU, one at a
   time on CPU (XLA:CPU runs vmapped convolutions as slow grouped ones)."""

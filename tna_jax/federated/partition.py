@@ -15,7 +15,7 @@ from tna_jax.errors import ConfigError, check_choice
 
 KINDS = ("iid", "dirichlet", "shards")
 # Fresh Dirichlet draws tried before giving up on the minimum client size.
-MAX_DIRICHLET_TRIES = 1000
+MAX_DRAWS = 1000
 
 
 def partition(labels: np.ndarray, kind: str, num_clients: int, *, seed: int, alpha: float = 0.5,
@@ -76,7 +76,7 @@ def dirichlet(labels: np.ndarray, num_clients: int, alpha: float, rng: np.random
     raise ConfigError(f"partition.alpha={alpha!r} must be > 0.")
   n = len(labels)
   by_class = [np.flatnonzero(labels == k) for k in np.unique(labels)]
-  for _ in range(MAX_DIRICHLET_TRIES):
+  for _ in range(MAX_DRAWS):
     parts = [[] for _ in range(num_clients)]
     sizes = np.zeros(num_clients, np.int64)
     for members in by_class:
@@ -92,7 +92,7 @@ def dirichlet(labels: np.ndarray, num_clients: int, alpha: float, rng: np.random
     if sizes.min() >= min_client_size:
       return [np.concatenate(p) for p in parts]
   raise ConfigError(f"partition 'dirichlet' with alpha={alpha} left a client below partition.min_client_size="
-                    f"{min_client_size} in {MAX_DIRICHLET_TRIES} draws; raise alpha, lower the minimum or use "
+                    f"{min_client_size} in {MAX_DRAWS} draws; raise alpha, lower the minimum or use "
                     "fewer clients.")
 
 
@@ -100,21 +100,23 @@ def shards(labels: np.ndarray, num_clients: int, classes_per_client: int,
            rng: np.random.Generator) -> list[np.ndarray]:
   """Pathological label skew: every client holds exactly `classes_per_client` classes.
 
-  Client i gets the classes at positions i*k .. i*k + k - 1 (cyclically) of a random order
-  of the classes, so every class goes to as many clients as any other (within one) and
-  each class's examples are split evenly among its holders, shuffled.
+  Each client in turn takes the classes held by the fewest clients so far (ties broken at
+  random), so every class goes to as many clients as any other (within one) and the
+  pairings are random. Each class's examples are split evenly among its holders.
   """
   classes = np.unique(labels)
   if not 1 <= classes_per_client <= len(classes) or num_clients * classes_per_client < len(classes):
     raise ConfigError(f"partition.classes_per_client={classes_per_client} is out of range; allowed: "
                       f"{-(-len(classes) // num_clients)} to {len(classes)} ({num_clients} clients must hold all "
                       f"{len(classes)} classes).")
-  order = rng.permutation(classes)
-  held = [order[(i * classes_per_client + np.arange(classes_per_client)) % len(classes)] for i in range(num_clients)]
+  holders = [[] for _ in classes]
+  for i in range(num_clients):
+    fewest = np.lexsort((rng.random(len(classes)), [len(h) for h in holders]))[:classes_per_client]
+    for c in fewest:
+      holders[c].append(i)
   parts = [[] for _ in range(num_clients)]
-  for k in classes:
-    holders = [i for i, mine in enumerate(held) if k in mine]
-    for i, chunk in zip(holders, np.array_split(rng.permutation(np.flatnonzero(labels == k)), len(holders))):
+  for c, owners in enumerate(holders):
+    for i, chunk in zip(owners, np.array_split(rng.permutation(np.flatnonzero(labels == classes[c])), len(owners))):
       parts[i].append(chunk)
   return [np.concatenate(p) for p in parts]
 
@@ -156,6 +158,7 @@ def plot_label_distribution(path: str, counts: np.ndarray, title: str) -> None:
     ax.bar(np.arange(num_clients), counts[:, k], bottom=bottom, color=colors(k % colors.N), label=str(k))
     bottom += counts[:, k]
   ax.set(xlabel="client", ylabel="training examples", title=title)
+  ax.xaxis.set_major_locator(matplotlib.ticker.MaxNLocator(integer=True))
   if num_classes <= 20:
     ax.legend(title="class", fontsize="small", ncol=2, bbox_to_anchor=(1.01, 1), loc="upper left")
   fig.tight_layout()
