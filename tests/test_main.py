@@ -81,3 +81,14 @@ def test_bad_input_gives_one_clear_message_and_writes_nothing(tmp_path, flag, me
   assert message in result.stderr
   assert "Traceback" not in result.stderr
   assert not workdir.exists() or not any(workdir.iterdir())
+
+
+@pytest.mark.parametrize("config,models", [("configs/fmnist_mlp.py", "6"), ("configs/fed_fmnist_cnn.py:quick", None)])
+def test_dry_run_prints_the_plan_and_writes_nothing(tmp_path, config, models):
+  result = run_main(config, tmp_path / "run", "--dry_run")
+  assert result.returncode == 0, result.stderr[-2000:]
+  for line in ("experiment", "parameters_per_model", "models_trained_together", "step_total_mib"):
+    assert line in result.stdout
+  if models:
+    assert any(l.split()[:2] == ["models_trained_together", models] for l in result.stdout.splitlines())
+  assert not (tmp_path / "run").exists()

@@ -66,6 +66,12 @@ def task_specs(config) -> tuple[list[str], list[str]]:
   return contributors, unseen
 
 
+def planned_models(config) -> int:
+  """Models fine-tuned side by side (every variant x task), for `main --dry_run`."""
+  contributors, unseen = task_specs(config)
+  return len(soup_experiment.variants_of(config)) * (len(contributors) + len(unseen))
+
+
 def validate(config) -> None:
   """Checks every value the run depends on before any data is read or file written."""
   soup_experiment.validate_finetune(config)

@@ -88,6 +88,11 @@ def validate(config) -> None:
       raise ConfigError(f"{key}={value!r} must be >= 1.")
 
 
+def planned_models(config) -> int:
+  """Models trained side by side (every variant's pair), for `main --dry_run`."""
+  return config.num_models * len(variants_of(config))
+
+
 def check_workdir(workdir: str, overwrite: bool) -> None:
   """Refuses to run over an earlier run's results unless asked to."""
   if os.path.exists(os.path.join(workdir, "results.json")) and not overwrite:

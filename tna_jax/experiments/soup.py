@@ -65,6 +65,11 @@ def variants_of(config) -> list[str]:
   return parse_list("variants", config.variants, str, VARIANTS)
 
 
+def planned_models(config) -> int:
+  """Fine-tuned models trained side by side at most (all variants' models), for `main --dry_run`."""
+  return config.soup.num_models * len(variants_of(config))
+
+
 def validate_finetune(config) -> None:
   """Checks shared by `soup` and `cold`: model, base, mask, optimizer, counts."""
   check_choice("model.name", config.model.name, models.MODEL_NAMES + transformers.MODEL_NAMES)
