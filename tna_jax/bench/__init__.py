@@ -10,4 +10,8 @@ FIGURES: dict[str, str] = {
     # name: "tna_jax.bench.<module>:<function>"
     "fed_round_speedup": "tna_jax.bench.federated:fed_round_speedup",
     "matching_speedup": "tna_jax.bench.matching:matching_speedup",
+    "mask_overhead_ratio": "tna_jax.bench.core:mask_overhead_ratio",
+    "lmc_curve_speedup": "tna_jax.bench.core:lmc_curve_speedup",
+    "replicas_speedup": "tna_jax.bench.core:replicas_speedup",
+    "torch_speed_ratio": "tna_jax.bench.core:torch_speed_ratio",
 }
