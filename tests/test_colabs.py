@@ -11,7 +11,7 @@ COLABS = sorted((pathlib.Path(__file__).resolve().parent.parent / "colabs").glob
 
 
 def test_there_are_colabs():
-  assert {p.name for p in COLABS} >= {"quickstart.ipynb", "lmc_explorer.ipynb"}
+  assert {p.name for p in COLABS} >= {"quickstart.ipynb", "lmc_explorer.ipynb", "federated.ipynb"}
 
 
 @pytest.mark.parametrize("path", COLABS, ids=lambda p: p.stem)
