@@ -29,6 +29,8 @@ _DISTRIBUTED = flags.DEFINE_enum("distributed", "auto", sharding.DISTRIBUTED_MOD
 
 def main(argv) -> None:
   del argv
+  if not flags.FLAGS["verbosity"].present:  # orbax/absl INFO lines would interleave with the progress bars
+    logging.set_verbosity(logging.WARNING)
   config = _CONFIG.value
   logging.info("Config:\n%s", config)
   try:
