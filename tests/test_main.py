@@ -42,6 +42,7 @@ def test_lmc_run_prints_the_table_and_writes_results(tiny_run):
   assert (workdir / "lmc_curves.png").stat().st_size > 10_000
   lines = (workdir / "metrics.jsonl").read_text().splitlines()
   assert len(lines) == 1 and len(json.loads(lines[0])["test_accuracy"]) == 6
+  assert any((workdir / "tensorboard").iterdir()), "TensorBoard event file missing"
 
 
 def test_checkpoints_are_readable_with_orbax_alone(tiny_run):

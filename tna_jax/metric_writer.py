@@ -8,7 +8,7 @@ from typing import Mapping, Sequence
 
 import numpy as np
 
-from tna_jax import reporting
+from tna_jax import reporting, sharding
 
 
 class MetricWriter:
@@ -16,16 +16,19 @@ class MetricWriter:
 
   Values may be scalars or per-model vectors; a vector value `test_accuracy=[a, b]` with
   `names=['vanilla_0', 'vanilla_1']` becomes TensorBoard tags `test_accuracy/vanilla_0` ...
-  Starting a writer truncates an earlier metrics.jsonl unless `resume` is set.
+  Starting a writer truncates an earlier metrics.jsonl unless `resume` is set. In a
+  multi-process run only process 0 writes (`sharding.is_writer`).
   """
 
   def __init__(self, workdir: str, names: Sequence[str] = (), *, resume: bool = False, tensorboard: bool = True):
-    os.makedirs(workdir, exist_ok=True)
     self.path = os.path.join(workdir, "metrics.jsonl")
     self.names = list(names)
+    self._tb = None
+    if not sharding.is_writer():
+      return
+    os.makedirs(workdir, exist_ok=True)
     if not resume and os.path.exists(self.path):
       os.remove(self.path)
-    self._tb = None
     if tensorboard:
       from tensorboardX import SummaryWriter  # pylint: disable=g-import-not-at-top
       self._tb = SummaryWriter(os.path.join(workdir, "tensorboard"))

@@ -13,7 +13,7 @@ measured with REPAIR. The table then shows each barrier before and after alignme
 the matching's coordinate-descent sweeps and seconds.
 
 Writes to the workdir: results.json, lmc_curves.png (and lmc_curves_aligned.png),
-metrics.jsonl (per epoch) and orbax checkpoints (checkpoints/init, checkpoints/mask,
+metrics.jsonl and tensorboard/ (per epoch) and orbax checkpoints (checkpoints/init, checkpoints/mask,
 checkpoints/<variant>_<k>, and when aligned <variant>_1_aligned and <variant>_perms).
 """
 
@@ -26,7 +26,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from tna_jax import checkpoints, data, evaluate, lmc, masks, matching, models, optim, permutations, reporting, train
+from tna_jax import (checkpoints, data, evaluate, lmc, masks, matching, metric_writer, models, optim, permutations,
+                     reporting, train)
 from tna_jax.errors import ConfigError, check_choice
 
 VARIANTS = ("vanilla", "tna", "pruning")
@@ -129,16 +130,14 @@ def run(config, workdir: str) -> dict[str, Any]:
   names = [f"{v}_{i}" for v in variants for i in range(k)]
   data_seeds = [config.data_seed + i for _ in variants for i in range(k)]
 
-  os.makedirs(workdir, exist_ok=True)
-  metrics_path = os.path.join(workdir, "metrics.jsonl")
-  if os.path.exists(metrics_path):
-    os.remove(metrics_path)
+  writer = metric_writer.MetricWriter(workdir, names)
   start = time.perf_counter()
   states, history = train.fit(
       model, tx, states, data_seeds, dataset, num_epochs=config.num_epochs, batch_size=config.batch_size,
       eval_batch_size=config.eval_batch_size, flip=config.augment.flip, crop_padding=config.augment.crop_padding,
-      on_epoch=lambda record: reporting.append_jsonl(metrics_path, {"models": names, **record}))
+      on_epoch=lambda record: writer.write(record["epoch"], record))
   train_seconds = time.perf_counter() - start
+  writer.close()
 
   start = time.perf_counter()
   aligned = align_pairs(config, model, states, variants, dataset)
