@@ -56,7 +56,8 @@ def initialize_distributed(mode: str = "auto") -> bool:
 
   Must run before anything touches a device. JAX finds the coordinator by itself on TPU
   pods, Slurm and Open MPI; elsewhere set $JAX_COORDINATOR_ADDRESS (host:port of process
-  0), $JAX_NUM_PROCESSES and $JAX_PROCESS_ID on every process. Returns whether it joined.
+  0), $JAX_NUM_PROCESSES and $JAX_PROCESS_ID on every process. $TNA_DISTRIBUTED_TIMEOUT
+  (seconds, default 300) bounds the wait for the others. Returns whether it joined.
   """
   if not wants_distributed(mode) or jax.distributed.is_initialized():
     return jax.distributed.is_initialized()

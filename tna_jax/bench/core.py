@@ -65,12 +65,9 @@ class Trainer:
 
   def __init__(self, model_cfg: dict, dataset: data.Dataset, batch_size: int, *, fixed_fraction: float = 0.0,
                tx: optax.GradientTransformation | None = None):
-    self.dataset, self.batch_size = dataset, batch_size
+    self.dataset, self.fixed_fraction = dataset, fixed_fraction
     self.model = models.get_model(ml_collections.ConfigDict(model_cfg), dataset.num_classes)
-    self.variables = models.init_variables(self.model, jax.random.key(0), dataset.image_shape)
-    self.mask = masks.fixed_mask(self.variables["params"], fixed_fraction, seed=1)
-    self.steps = len(dataset.train_labels) // batch_size
-    self.tx = tx or optim.make_optimizer(ml_collections.ConfigDict(SGD), self.steps)
+    self.tx = tx or optim.make_optimizer(ml_collections.ConfigDict(SGD), len(dataset.train_labels) // batch_size)
     self.mesh = sharding.make_mesh(devices=jax.devices()[:1])
     self.images, self.labels = (sharding.shard_rows(a, self.mesh) for a in (dataset.train_images,
                                                                                dataset.train_labels))
@@ -79,7 +76,14 @@ class Trainer:
                                                 num_examples=len(dataset.train_labels))
 
   def states(self, k: int) -> train.TrainState:
-    return train.stack([train.init_train_state(self.tx, self.variables, self.mask)] * k)
+    """K copies of one initialization and mask, created in one compiled call."""
+
+    def init():
+      variables = models.init_variables(self.model, jax.random.key(0), self.dataset.image_shape)
+      mask = masks.fixed_mask(variables["params"], self.fixed_fraction, seed=1)
+      return train.stack([train.init_train_state(self.tx, variables, mask)] * k)
+
+    return train.create_states(init, self.mesh)
 
   def epoch_fn(self, k: int) -> Callable[[], Any]:
     """A call that trains K models for one epoch (the states are donated, so kept here)."""
