@@ -59,22 +59,32 @@ def plot_curves(path: str, alphas: np.ndarray, curves: dict[str, dict[str, np.nd
   """Loss and accuracy against alpha, one line per curve name; saved as PNG."""
   if not sharding.is_writer():
     return
-  import matplotlib  # pylint: disable=g-import-not-at-top
-  matplotlib.use("Agg")
-  import matplotlib.pyplot as plt  # pylint: disable=g-import-not-at-top
-
-  fig, (ax_loss, ax_acc) = plt.subplots(1, 2, figsize=(10, 4))
+  fig, (ax_loss, ax_acc) = pyplot().subplots(1, 2, figsize=(10, 4))
   for name, curve in curves.items():
     ax_loss.plot(alphas, curve["loss"], marker=".", label=name)
     ax_acc.plot(alphas, 100 * np.asarray(curve["accuracy"]), marker=".", label=name)
   ax_loss.set(xlabel="alpha", ylabel="test loss", title="loss along the segment")
   ax_acc.set(xlabel="alpha", ylabel="test accuracy (%)", title="accuracy along the segment")
-  for ax in (ax_loss, ax_acc):
+  save_figure(fig, (ax_loss, ax_acc), path, title)
+
+
+def pyplot():
+  """matplotlib.pyplot on the Agg backend (no display needed)."""
+  import matplotlib  # pylint: disable=g-import-not-at-top
+  matplotlib.use("Agg")
+  import matplotlib.pyplot as plt  # pylint: disable=g-import-not-at-top
+  return plt
+
+
+def save_figure(fig, axes, path: str, title: str) -> None:
+  """Grids, legends and a title on `axes`, then the PNG written through a rename (a crash
+  never leaves half an image at `path`)."""
+  for ax in axes:
     ax.grid(alpha=0.3)
     ax.legend()
   fig.suptitle(title)
   fig.tight_layout()
   tmp = path + ".tmp.png"
   fig.savefig(tmp, dpi=120)
-  plt.close(fig)
+  pyplot().close(fig)
   os.replace(tmp, path)

@@ -296,11 +296,7 @@ def plot_accuracy(path: str, histories: dict[str, list[dict]], title: str) -> No
   """Test accuracy and loss of the global model against the round, one line per algorithm."""
   if not sharding.is_writer():
     return
-  import matplotlib  # pylint: disable=g-import-not-at-top
-  matplotlib.use("Agg")
-  import matplotlib.pyplot as plt  # pylint: disable=g-import-not-at-top
-
-  fig, (ax_acc, ax_loss) = plt.subplots(1, 2, figsize=(11, 4))
+  fig, (ax_acc, ax_loss) = reporting.pyplot().subplots(1, 2, figsize=(11, 4))
   for name, history in histories.items():
     tested = [h for h in history if "test_accuracy" in h]
     rounds = [h["round"] for h in tested]
@@ -308,12 +304,4 @@ def plot_accuracy(path: str, histories: dict[str, list[dict]], title: str) -> No
     ax_loss.plot(rounds, [h["test_loss"] for h in tested], label=name)
   ax_acc.set(xlabel="round", ylabel="test accuracy (%)", title="global model accuracy")
   ax_loss.set(xlabel="round", ylabel="test loss", title="global model loss")
-  for ax in (ax_acc, ax_loss):
-    ax.grid(alpha=0.3)
-    ax.legend()
-  fig.suptitle(title)
-  fig.tight_layout()
-  tmp = path + ".tmp.png"
-  fig.savefig(tmp, dpi=120)
-  plt.close(fig)
-  os.replace(tmp, path)
+  reporting.save_figure(fig, (ax_acc, ax_loss), path, title)
