@@ -1,5 +1,5 @@
 """One code path on any mesh: 8 fake CPU devices and two processes joined by jax.distributed
-train the same models as one device, and so does any number of steps per compiled call.
+train the same models as one device.
 
 The device count is fixed when JAX starts, so each mesh trains in a subprocess that runs
 this file as a script (`python tests/test_sharding.py OUT_DIR MODELS_AXIS`).
@@ -21,7 +21,7 @@ REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 EPOCHS, BATCH, NUM_TRAIN = 2, 32, 250  # 250 rows: the dataset is padded on 4 and 8 devices
 
 
-def train_tiny(out_dir: str, models_axis: int, steps_per_call: int | None = None) -> None:
+def train_tiny(out_dir: str, models_axis: int) -> None:
   """Trains a vanilla and a TNA-PFN MLP together and saves them (run in a subprocess)."""
   sharding.initialize_distributed()  # joins the other process when the environment says so
   import jax  # pylint: disable=g-import-not-at-top
@@ -46,17 +46,11 @@ def train_tiny(out_dir: str, models_axis: int, steps_per_call: int | None = None
 
   states = train.create_states(init, mesh)
   states, history = train.fit(model, tx, states, [3, 4], dataset, num_epochs=EPOCHS, batch_size=BATCH,
-                              eval_batch_size=50, progress=False, mesh=mesh, steps_per_call=steps_per_call)
+                              eval_batch_size=50, progress=False, mesh=mesh)
   checkpoints.save(os.path.join(out_dir, "models"), states.variables)
   reporting.write_json(os.path.join(out_dir, f"run_{jax.process_index()}.json"), {
       "mesh": dict(mesh.shape), "devices": jax.device_count(), "processes": jax.process_count(),
       "history": history})
-
-
-def _results(out_dir):
-  from tna_jax import checkpoints  # pylint: disable=g-import-not-at-top
-  with open(os.path.join(out_dir, "run_0.json")) as f:
-    return json.load(f), checkpoints.restore(os.path.join(out_dir, "models"))
 
 
 def _run(out_dir, models_axis=1, devices=1, processes=1):
@@ -79,7 +73,9 @@ def _run(out_dir, models_axis=1, devices=1, processes=1):
       p.kill()
   for p, output in zip(procs, outputs):
     assert p.returncode == 0, output[-3000:]
-  return _results(out_dir)
+  from tna_jax import checkpoints  # pylint: disable=g-import-not-at-top
+  with open(os.path.join(out_dir, "run_0.json")) as f:
+    return json.load(f), checkpoints.restore(os.path.join(out_dir, "models"))
 
 
 @pytest.fixture(scope="module")
@@ -124,12 +120,6 @@ def test_two_processes_on_loopback_train_like_one(tmp_path, single):
   assert run[0]["processes"] == 2 and run[0]["devices"] == 4 and run[0]["mesh"] == {"models": 2, "data": 2}
   assert not (tmp_path / "run_1.json").exists(), "only process 0 writes"
   _assert_same_training(run, single)
-
-
-@pytest.mark.parametrize("steps_per_call", [0, 3])  # the whole epoch in one loop; uneven chunks of 3 of 7
-def test_steps_per_call_only_changes_how_steps_are_grouped(tmp_path, single, steps_per_call):
-  train_tiny(str(tmp_path), models_axis=1, steps_per_call=steps_per_call)  # 1 device here; CPU default is 1
-  _assert_same_training(_results(tmp_path), single)
 
 
 def test_mesh_shape_prefers_models_then_fits_the_batch():

@@ -12,6 +12,7 @@ is split by rows over 'data', and jit adds the gradient all-reduce, so 1 CPU, 8 
 devices, a GPU host and a TPU pod train the same models up to float rounding.
 """
 
+import functools
 import time
 from typing import Any, Callable
 
@@ -22,6 +23,7 @@ import numpy as np
 import optax
 
 from tna_jax import data, sharding
+from tna_jax.federated import conv_layout
 
 PyTree = Any
 
@@ -69,31 +71,30 @@ def train_step(model, tx: optax.GradientTransformationExtraArgs, state: TrainSta
   return state, {"loss": loss, "accuracy": accuracy}
 
 
-def epoch_order(key: jax.Array, num_examples: int, batch_size: int) -> tuple[jax.Array, jax.Array]:
-  """One model's epoch plan: (order [steps, batch] example indices, augmentation key).
+def make_epoch_fn(model, tx: optax.GradientTransformationExtraArgs, *, batch_size: int, mean, std,
+                  flip: bool = False, crop_padding: int = 0, num_examples: int | None = None,
+                  mesh: jax.sharding.Mesh | None = None) -> Callable:
+  """`epoch(state, key, train_images, train_labels) -> (state, metrics)` for ONE model.
 
-  `key` decides the data order (and augmentation); the last incomplete batch is dropped so
-  every step has the same shape.
-  """
-  steps = num_examples // batch_size
-  order_key, augment_key = jax.random.split(key)
-  order = jax.random.permutation(order_key, num_examples)[:steps * batch_size].reshape(steps, batch_size)
-  return order, augment_key
-
-
-def make_steps_fn(model, tx: optax.GradientTransformationExtraArgs, *, mean, std, flip: bool = False,
-                  crop_padding: int = 0, mesh: jax.sharding.Mesh | None = None, unroll: bool = False) -> Callable:
-  """`steps(state, order, step_indices, augment_key, train_images, train_labels) -> (state, sums)`.
-
-  Trains ONE model on the batches `train_images[order[i]]` (uint8, normalized and augmented
-  here; step i's augmentation is keyed by `step_indices[i]`) and returns the sums of the
-  step metrics. With a `mesh` every batch is split over its 'data' axis. `unroll` writes
-  the steps out instead of looping (see `default_steps_per_call`).
+  `key` decides this model's data order (and augmentation) for this epoch; the last
+  incomplete batch is dropped so every step has the same shape. vmap it over models.
+  Only the first `num_examples` rows are real (default: all; `sharding.shard_rows` pads).
+  With a `mesh`, every batch is split over its 'data' axis; the order does not depend on
+  the mesh, so any number of devices trains the same model. On CPU the step's
+  convolutions are rewritten into the one layout XLA:CPU runs fast inside a loop
+  (`conv_layout`): without it a ResNet20 step inside this scan is ~20x slower.
   """
   augment = flip or crop_padding > 0
+  platform = mesh.devices.flat[0].platform if mesh is not None else jax.default_backend()
+  step_fn = functools.partial(train_step, model, tx)
+  if platform == "cpu":
+    step_fn = conv_layout.canonical_convolutions(step_fn)
 
-  def steps(state: TrainState, order: jax.Array, step_indices: jax.Array, augment_key: jax.Array,
-            train_images: jax.Array, train_labels: jax.Array):
+  def epoch(state: TrainState, key: jax.Array, train_images: jax.Array, train_labels: jax.Array):
+    n = num_examples or train_images.shape[0]
+    steps = n // batch_size
+    order_key, augment_key = jax.random.split(key)
+    order = jax.random.permutation(order_key, n)[:steps * batch_size].reshape(steps, batch_size)
 
     def step(state, xs):
       idx, step_index = xs
@@ -101,36 +102,10 @@ def make_steps_fn(model, tx: optax.GradientTransformationExtraArgs, *, mean, std
       images = data.normalize(images, mean, std)
       if augment:
         images = data.augment(jax.random.fold_in(augment_key, step_index), images, flip, crop_padding)
-      return train_step(model, tx, state, images, labels)
+      return step_fn(state, images, labels)
 
-    if unroll:  # straight-line code: a Python loop while tracing
-      per_step = []
-      for i in range(order.shape[0]):
-        state, metrics = step(state, (order[i], step_indices[i]))
-        per_step.append(metrics)
-      return state, jax.tree.map(lambda *m: sum(m), *per_step)
-    state, metrics = jax.lax.scan(step, state, (order, step_indices))
-    return state, jax.tree.map(lambda m: jnp.sum(m, axis=0), metrics)
-
-  return steps
-
-
-def make_epoch_fn(model, tx: optax.GradientTransformationExtraArgs, *, batch_size: int, mean, std,
-                  flip: bool = False, crop_padding: int = 0, num_examples: int | None = None,
-                  mesh: jax.sharding.Mesh | None = None) -> Callable:
-  """`epoch(state, key, train_images, train_labels) -> (state, metrics)` for ONE model.
-
-  The whole epoch as one loop (`epoch_order`, then `make_steps_fn`); metrics are means over
-  the steps. vmap it over models. Only the first `num_examples` rows are real (default:
-  all; `sharding.shard_rows` pads). The order does not depend on the `mesh`, so any number
-  of devices trains the same model.
-  """
-  steps_fn = make_steps_fn(model, tx, mean=mean, std=std, flip=flip, crop_padding=crop_padding, mesh=mesh)
-
-  def epoch(state: TrainState, key: jax.Array, train_images: jax.Array, train_labels: jax.Array):
-    order, augment_key = epoch_order(key, num_examples or train_images.shape[0], batch_size)
-    state, sums = steps_fn(state, order, jnp.arange(order.shape[0]), augment_key, train_images, train_labels)
-    return state, jax.tree.map(lambda total: total / order.shape[0], sums)
+    state, metrics = jax.lax.scan(step, state, (order, jnp.arange(steps)))
+    return state, jax.tree.map(jnp.mean, metrics)
 
   return epoch
 
@@ -159,54 +134,23 @@ def create_states(init_fn: Callable[[], TrainState], mesh: jax.sharding.Mesh) ->
   return jax.jit(init_fn, out_shardings=sharding.named(mesh, sharding.MODELS))()
 
 
-def default_steps_per_call(mesh: jax.sharding.Mesh) -> int:
-  """Training steps per compiled call: the whole epoch (0), except 1 on CPU.
-
-  XLA's CPU backend compiles the gradient convolutions inside a loop body to a slow
-  generic kernel (ResNet20 at batch 32: 2.3 s per step inside `lax.scan`, 0.11 s as
-  straight-line code; dense layers are not affected), so on CPU each call runs one step,
-  written out, and Python loops over the steps; elsewhere one call runs a whole epoch.
-  """
-  return 1 if mesh.devices.flat[0].platform == "cpu" else 0
-
-
 def make_train_epochs(model, tx: optax.GradientTransformationExtraArgs, mesh: jax.sharding.Mesh, *,
-                      batch_size: int, mean, std, num_examples: int, flip: bool = False, crop_padding: int = 0,
-                      steps_per_call: int | None = None) -> Callable:
+                      batch_size: int, mean, std, num_examples: int, flip: bool = False,
+                      crop_padding: int = 0) -> Callable:
   """`train_epochs(states, seeds, epoch, train_images, train_labels) -> (states, metrics)`.
 
-  Trains the K stacked `states` (sharded on 'models', donated) for one epoch, model k in
-  the data order of `seeds[k]` and `epoch`; the data are the sharded uint8 arrays of
-  `sharding.shard_rows`. Each compiled call trains all K models (vmapped) for
-  `steps_per_call` steps (0: the whole epoch in one call; None: `default_steps_per_call`).
-  Metrics come back replicated: the mean over the epoch's steps, one value per model.
+  One compiled call trains the K stacked `states` (sharded on 'models', donated) for one
+  epoch, model k in the data order of `seeds[k]` and `epoch`; the data are the sharded
+  uint8 arrays of `sharding.shard_rows`. Metrics come back replicated, one value per model.
   """
-  steps = num_examples // batch_size
-  per_call = default_steps_per_call(mesh) if steps_per_call is None else steps_per_call
-  per_call = min(per_call, steps) if per_call > 0 else steps
-  steps_fn = make_steps_fn(model, tx, mean=mean, std=std, flip=flip, crop_padding=crop_padding, mesh=mesh,
-                           unroll=per_call < steps)
-  by_model, replicated = sharding.named(mesh, sharding.MODELS), sharding.named(mesh)
+  epoch_fn = make_epoch_fn(model, tx, batch_size=batch_size, mean=mean, std=std, flip=flip,
+                           crop_padding=crop_padding, num_examples=num_examples, mesh=mesh)
 
-  @jax.jit(out_shardings=by_model)
-  def plan(seeds, epoch):
-    keys = sharding.constrain(epoch_keys(seeds, epoch), mesh, sharding.MODELS)
-    return jax.vmap(lambda key: epoch_order(key, num_examples, batch_size))(keys)
-
-  @jax.jit(static_argnums=(4,), donate_argnums=0, out_shardings=(by_model, replicated))
-  def run(states, orders, augment_keys, start, count, train_images, train_labels):
-    order = jax.lax.dynamic_slice_in_dim(orders, start, count, axis=1)
-    return jax.vmap(steps_fn, in_axes=(0, 0, None, 0, None, None), spmd_axis_name=sharding.MODELS)(
-        states, order, start + jnp.arange(count), augment_keys, train_images, train_labels)
-
+  @jax.jit(donate_argnums=0, out_shardings=(sharding.named(mesh, sharding.MODELS), sharding.named(mesh)))
   def train_epochs(states, seeds, epoch, train_images, train_labels):
-    orders, augment_keys = plan(seeds, epoch)
-    sums = None
-    for start in range(0, steps, per_call):
-      states, new = run(states, orders, augment_keys, start, min(per_call, steps - start), train_images,
-                        train_labels)
-      sums = new if sums is None else jax.tree.map(jnp.add, sums, new)
-    return states, jax.tree.map(lambda total: total / steps, sums)
+    keys = sharding.constrain(epoch_keys(seeds, epoch), mesh, sharding.MODELS)
+    return jax.vmap(epoch_fn, in_axes=(0, 0, None, None), spmd_axis_name=sharding.MODELS)(
+        states, keys, train_images, train_labels)
 
   return train_epochs
 
@@ -214,14 +158,13 @@ def make_train_epochs(model, tx: optax.GradientTransformationExtraArgs, mesh: ja
 def fit(model, tx: optax.GradientTransformationExtraArgs, states: TrainState, data_seeds: list[int],
         dataset: "data.Dataset", *, num_epochs: int, batch_size: int, eval_batch_size: int, flip: bool = False,
         crop_padding: int = 0, on_epoch: Callable[[dict], None] | None = None, progress: bool = True,
-        mesh: jax.sharding.Mesh | None = None, steps_per_call: int | None = None) -> tuple[TrainState, list[dict]]:
+        mesh: jax.sharding.Mesh | None = None) -> tuple[TrainState, list[dict]]:
   """Trains the K stacked `states` for `num_epochs`; model k sees data order `data_seeds[k]`.
 
-  One compiled call per epoch (per step on CPU, see `default_steps_per_call`) trains all K
-  models, and another evaluates all of them on the test set. `mesh` (default
-  `sharding.make_mesh` over every device of every process) spreads the models over its
-  'models' axis and each batch over 'data'; the result does not depend on it beyond float
-  rounding. Returns the trained states, replicated on every
+  One compiled call per epoch trains all K models, and a second evaluates all of them on
+  the test set. `mesh` (default `sharding.make_mesh` over every device of every process)
+  spreads the models over its 'models' axis and each batch over 'data'; the result does
+  not depend on it beyond float rounding. Returns the trained states, replicated on every
   device so that any process can read, evaluate and save them, and one metrics record per
   epoch, each value a list over the K models; `on_epoch` sees each record as it is made.
   """
@@ -236,8 +179,7 @@ def fit(model, tx: optax.GradientTransformationExtraArgs, states: TrainState, da
     raise ValueError(f"batch_size={batch_size} must be a multiple of the mesh's data axis "
                      f"({mesh.shape[sharding.DATA]} devices)")
   train_epochs = make_train_epochs(model, tx, mesh, batch_size=batch_size, mean=dataset.mean, std=dataset.std,
-                                   num_examples=num_train, flip=flip, crop_padding=crop_padding,
-                                   steps_per_call=steps_per_call)
+                                   num_examples=num_train, flip=flip, crop_padding=crop_padding)
   by_model, replicated = sharding.named(mesh, sharding.MODELS), sharding.named(mesh)
   apply_fn = evaluate.inference_fn(model)
   evaluate_all = jax.jit(jax.vmap(lambda v, b: evaluate.evaluate(apply_fn, v, b, dataset.mean, dataset.std),
