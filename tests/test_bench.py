@@ -37,7 +37,7 @@ def test_mask_overhead_ratio_quick():
 
 
 def test_lmc_curve_speedup_quick():
-  _check(core.lmc_curve_speedup(quick=True), "loop_s", "one_call_s")
+  _check(core.lmc_curve_speedup(quick=True), "loop_s", "one_call_s", "one_call_vmapped_s")
 
 
 def test_replicas_speedup_quick():
@@ -45,6 +45,9 @@ def test_replicas_speedup_quick():
   _check(result)
   assert set(result["models"]) == {"mlp", "cnn"}
   assert result["value"] == min(m["speedup"] for m in result["models"].values())
+  assert result["sequential_default"]  # CPU: the models run one after another inside the call
+  for m in result["models"].values():
+    assert m["vmapped_speedup"] > 0 and m["mapped_speedup"] > 0 and m["together_images_per_s"] > 0
 
 
 def test_torch_speed_ratio_quick():

@@ -8,7 +8,7 @@ import ml_collections
 import numpy as np
 import pytest
 
-from tna_jax import config_lib, data, masks, models, optim, pretrained, train
+from tna_jax import config_lib, data, masks, metric_writer, models, optim, pretrained, train
 from tna_jax.errors import ConfigError, DataNotFoundError
 from tna_jax.experiments import cold
 
@@ -125,7 +125,10 @@ def test_cold_experiment_writes_results(tmp_path, capsys):
   assert [t["role"] for t in saved["tasks"]] == ["contributor", "contributor", "unseen"]
   assert (tmp_path / "cold.png").stat().st_size > 10_000
   assert (tmp_path / "checkpoints" / "tna_round1").is_dir()
-  assert len((tmp_path / "metrics.jsonl").read_text().splitlines()) == 2
+  records = metric_writer.read_jsonl(str(tmp_path / "metrics.jsonl"))
+  assert [r["step"] for r in records] == [0, 1] and len(records[1]["models"]) == 3
+  np.testing.assert_allclose(records[1]["accuracy_tna"], [saved["accuracy"]["tna"][n][1] for n in records[1]["models"]])
+  assert any((tmp_path / "tensorboard").iterdir()), "TensorBoard event file missing"
 
 
 @pytest.mark.parametrize("overrides,match", [

@@ -5,7 +5,6 @@ import os
 import subprocess
 import sys
 
-import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import ml_collections
@@ -16,7 +15,7 @@ import pytest
 from tna_jax import config_lib, masks, models, optim, train
 from tna_jax.errors import ConfigError
 from tna_jax.experiments import fed
-from tna_jax.federated import algorithms, client, conv_layout, partition
+from tna_jax.federated import algorithms, client, partition
 
 MEAN, STD = (0.5,), (0.29,)
 LR = 0.05
@@ -267,40 +266,6 @@ def test_mask_redrawn_each_round_and_clients_sampled_each_round():
 def test_unknown_algorithms_are_clear_errors(name, error):
   with pytest.raises(ConfigError, match=error):
     algorithms.parse(name)
-
-
-# --- convolutions on CPU ------------------------------------------------------------------
-
-
-class _TinyConvNet(nn.Module):
-  @nn.compact
-  def __call__(self, x, train: bool):
-    del train
-    x = nn.relu(nn.Conv(4, (3, 3), strides=2, padding="VALID", name="conv1")(x))
-    x = nn.relu(nn.Conv(6, (3, 3), padding=1, name="conv2")(x))
-    return nn.Dense(10, name="head")(x.reshape(x.shape[0], -1))
-
-
-def test_canonical_convolutions_compute_the_same_training_steps():
-  model = _TinyConvNet()
-  variables = model.init(jax.random.key(0), jnp.zeros((1, 9, 9, 2)), train=False)
-  tx = optim.make_optimizer(ml_collections.ConfigDict(dict(name="sgd", learning_rate=0.1, momentum=0.9)), 10)
-  state = train.init_train_state(tx, variables, masks.no_mask(variables["params"]))
-  x = jax.random.normal(jax.random.key(1), (2, 4, 9, 9, 2))
-  y = jnp.array([[0, 1, 2, 3]] * 2)
-  step = lambda s, b: train.train_step(model, tx, s, *b)
-  plain = jax.jit(lambda s: jax.lax.scan(step, s, (x, y)))(state)
-  fast = jax.jit(lambda s: jax.lax.scan(conv_layout.canonical_convolutions(step), s, (x, y)))(state)
-  _assert_trees_close(plain, fast, rtol=1e-5, atol=1e-6)
-  # Any layout, e.g. NCHW activations with OIHW kernels.
-  conv = lambda a, w: jax.lax.conv_general_dilated(a, w, (1, 2), [(1, 0), (0, 2)], rhs_dilation=(2, 1),
-                                                   dimension_numbers=("NCHW", "OIHW", "CNHW"))
-  a, w = jax.random.normal(jax.random.key(2), (2, 3, 7, 8)), jax.random.normal(jax.random.key(3), (5, 3, 2, 3))
-  np.testing.assert_allclose(conv_layout.canonical_convolutions(conv)(a, w), conv(a, w), rtol=1e-5, atol=1e-5)
-  jaxpr = jax.make_jaxpr(conv_layout.canonical_convolutions(jax.grad(lambda w: conv(a, w).sum())))(w)
-  convs = [e for e in jaxpr.jaxpr.eqns if e.primitive.name == "conv_general_dilated"]
-  assert len(convs) == 2  # forward and weight gradient, both canonical
-  assert all(tuple(e.params["dimension_numbers"]) == ((0, 3, 1, 2), (3, 2, 0, 1), (0, 3, 1, 2)) for e in convs)
 
 
 # --- the experiment -----------------------------------------------------------------------

@@ -74,8 +74,10 @@ def test_identical_models_have_zero_barrier():
   assert result["accuracy_barrier_rel"] == pytest.approx(0.0, abs=1e-6)
 
 
-@pytest.mark.parametrize("use_bn,chunk", [(False, 0), (False, 2), (True, 0), (True, 3)])
-def test_vmapped_curve_equals_per_alpha_loop(use_bn, chunk):
+# chunk 0 = automatic (one at a time on CPU), 1 = one at a time, 7 = all seven vmapped.
+@pytest.mark.parametrize("use_bn,chunk", [(False, 0), (False, 1), (False, 2), (False, 7), (True, 0), (True, 3),
+                                          (True, 7)])
+def test_curve_in_one_call_equals_per_alpha_loop(use_bn, chunk):
   model, va, vb, batches, _ = _setup(use_bn)
   alphas = jnp.linspace(0, 1, 7)
   curve = jax.device_get(lmc.lmc_curve(model, va, vb, alphas, batches, MEAN, STD, alpha_chunk=chunk))
@@ -83,6 +85,12 @@ def test_vmapped_curve_equals_per_alpha_loop(use_bn, chunk):
     single = _eval(model, lmc.interpolate(va, vb, alpha), batches)
     assert curve["loss"][i] == pytest.approx(float(single["loss"]), rel=1e-5)
     assert curve["accuracy"][i] == pytest.approx(float(single["accuracy"]), abs=1e-6)
+
+
+def test_negative_alpha_chunk_is_a_clear_error():
+  model, va, vb, batches, _ = _setup()
+  with pytest.raises(ValueError, match=r"alpha_chunk=-1; allowed: 0 \(automatic\)"):
+    lmc.lmc_curve(model, va, vb, jnp.linspace(0, 1, 3), batches, MEAN, STD, alpha_chunk=-1)
 
 
 def test_bn_reset_reestimates_statistics_from_training_batches():

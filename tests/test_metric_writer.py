@@ -27,12 +27,15 @@ def test_writer_records_scalars_and_per_model_vectors(tmp_path):
   writer = metric_writer.MetricWriter(str(tmp_path), names=["a", "b"])
   writer.write(1, {"loss": 0.5, "test_accuracy": np.array([0.8, 0.9])})
   writer.write(2, {"loss": 0.25, "test_accuracy": np.array([0.85, 0.95])})
+  writer.write(1, {"test_accuracy": [0.7, 0.6, 0.5]}, names=["c", "d", "e"])  # another group of models
   writer.close()
   records = metric_writer.read_jsonl(writer.path)
-  assert [r["step"] for r in records] == [1, 2] and records[1]["test_accuracy"] == [0.85, 0.95]
+  assert [r["step"] for r in records] == [1, 2, 1] and records[1]["test_accuracy"] == [0.85, 0.95]
+  assert records[1]["models"] == ["a", "b"] and records[2]["models"] == ["c", "d", "e"]
   events = _events(str(tmp_path))
   assert events["loss"] == [(1, 0.5), (2, 0.25)]
   assert np.allclose([v for _, v in events["test_accuracy/b"]], [0.9, 0.95])
+  assert np.allclose([v for _, v in events["test_accuracy/e"]], [0.5])
 
 
 def test_new_writer_starts_a_fresh_file_unless_resuming(tmp_path):

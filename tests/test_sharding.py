@@ -53,8 +53,9 @@ def train_tiny(out_dir: str, models_axis: int) -> None:
       "history": history})
 
 
-def _run(out_dir, models_axis=1, devices=1, processes=1):
-  """Runs `train_tiny` in `processes` fresh processes with `devices` CPU devices each."""
+def _launch(command, devices=1, processes=1):
+  """Runs `command` in `processes` fresh processes with `devices` CPU devices each, joined by
+  jax.distributed on a free loopback port when there are several; returns their outputs."""
   env = {**os.environ, "XLA_FLAGS": f"--xla_force_host_platform_device_count={devices}", "JAX_PLATFORMS": "cpu",
          "PYTHONPATH": REPO + os.pathsep + os.environ.get("PYTHONPATH", "")}
   if processes > 1:
@@ -63,16 +64,21 @@ def _run(out_dir, models_axis=1, devices=1, processes=1):
       port = s.getsockname()[1]
     env.update(JAX_COORDINATOR_ADDRESS=f"127.0.0.1:{port}", JAX_NUM_PROCESSES=str(processes),
                TNA_DISTRIBUTED_TIMEOUT="60")
-  command = [sys.executable, os.path.abspath(__file__), str(out_dir), str(models_axis)]
-  procs = [subprocess.Popen(command, env={**env, "JAX_PROCESS_ID": str(i)}, stdout=subprocess.PIPE,
-                            stderr=subprocess.STDOUT, text=True) for i in range(processes)]
+  procs = [subprocess.Popen(command, cwd=REPO, env={**env, "JAX_PROCESS_ID": str(i)}, stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True) for i in range(processes)]
   try:
-    outputs = [p.communicate(timeout=240)[0] for p in procs]
+    outputs = [p.communicate(timeout=240) for p in procs]
   finally:
     for p in procs:
       p.kill()
-  for p, output in zip(procs, outputs):
-    assert p.returncode == 0, output[-3000:]
+  for p, (stdout, stderr) in zip(procs, outputs):
+    assert p.returncode == 0, (stdout + stderr)[-3000:]
+  return outputs
+
+
+def _run(out_dir, models_axis=1, devices=1, processes=1):
+  """Runs `train_tiny` in `processes` fresh processes with `devices` CPU devices each."""
+  _launch([sys.executable, os.path.abspath(__file__), str(out_dir), str(models_axis)], devices, processes)
   from tna_jax import checkpoints  # pylint: disable=g-import-not-at-top
   with open(os.path.join(out_dir, "run_0.json")) as f:
     return json.load(f), checkpoints.restore(os.path.join(out_dir, "models"))
@@ -120,6 +126,21 @@ def test_two_processes_on_loopback_train_like_one(tmp_path, single):
   assert run[0]["processes"] == 2 and run[0]["devices"] == 4 and run[0]["mesh"] == {"models": 2, "data": 2}
   assert not (tmp_path / "run_1.json").exists(), "only process 0 writes"
   _assert_same_training(run, single)
+
+
+def test_main_on_two_processes_prints_the_table_and_writes_the_results_once(tmp_path):
+  workdir = tmp_path / "run"
+  outputs = _launch([sys.executable, "-m", "tna_jax.main", "--config=configs/fmnist_mlp.py:quick",
+                     f"--workdir={workdir}", "--config.num_train=512", "--config.num_test=200",
+                     "--config.model.depth=1", "--config.model.width=32", "--config.lmc.num_alphas=3",
+                     "--config.variants=vanilla,tna"], processes=2)
+  (stdout_0, stderr_0), (stdout_1, stderr_1) = outputs
+  assert "loss barrier" in stdout_0 and "train:" in stderr_0  # the table and the progress bar
+  # Process 1 prints nothing of its own (native libraries such as Gloo may still log).
+  assert "loss barrier" not in stdout_1 and "Results" not in stdout_1 and "train:" not in stderr_1
+  results = json.loads((workdir / "results.json").read_text())
+  assert results["models"] == ["vanilla_0", "vanilla_1", "tna_0", "tna_1"]
+  assert (workdir / "lmc_curves.png").exists() and (workdir / "checkpoints" / "tna_1").exists()
 
 
 def test_mesh_shape_prefers_models_then_fits_the_batch():

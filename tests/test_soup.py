@@ -9,7 +9,7 @@ import numpy as np
 import optax
 import pytest
 
-from tna_jax import config_lib, data, evaluate, masks, models, optim, soup, train
+from tna_jax import config_lib, data, evaluate, masks, metric_writer, models, optim, soup, train
 from tna_jax.errors import ConfigError
 from tna_jax.experiments import soup as soup_experiment
 
@@ -153,6 +153,9 @@ def test_soup_experiment_writes_results_and_refuses_to_clobber(tmp_path, capsys)
     assert len(r["individual"]["test"]) == 2 and r["greedy"]["heldout"] >= r["best_single"]["heldout"]
     assert r["best_single"] == results["variants"][variant]["best_single"]
   assert (tmp_path / "soup.png").stat().st_size > 10_000
+  records = metric_writer.read_jsonl(str(tmp_path / "metrics.jsonl"))
+  assert records and all("heldout_accuracy" in r and len(r["models"]) == len(r["heldout_accuracy"]) for r in records)
+  assert any((tmp_path / "tensorboard").iterdir()), "TensorBoard event file missing"
   assert (tmp_path / "checkpoints" / "tna_greedy").is_dir() and (tmp_path / "checkpoints" / "pretrained").is_dir()
   with pytest.raises(ConfigError, match="already holds results.json"):
     soup_experiment.run(config, str(tmp_path))

@@ -6,7 +6,7 @@ import ml_collections
 import numpy as np
 import pytest
 
-from tna_jax import data, masks, models, optim, train
+from tna_jax import data, masks, models, optim, sharding, train
 
 
 def _dataset(n=512, num_classes=10, seed=0):
@@ -36,24 +36,34 @@ def _fit(model, tx, states, seeds, ds, epochs=3, batch_size=64):
     dict(name="mlp", depth=2, width=32),
     dict(name="resnet20", norm="batchnorm", width_multiplier=1),
 ])
-def test_vmapped_models_equal_models_trained_one_by_one(model_cfg):
-  # Float noise between vmapped and single convolutions grows with every step of a chaotic
-  # BN ResNet (1e-7 after one step, 1e-3 after eight), so that one is compared after 2 steps.
+def test_models_trained_together_equal_models_trained_one_by_one(model_cfg):
+  # Together = `fit` (on CPU the models run one after another inside the program) and the
+  # vmapped program of accelerators. Float noise between vmapped and single convolutions
+  # grows with every step of a chaotic BN ResNet (1e-7 after one step, 1e-3 after eight),
+  # so that one is compared after 2 steps.
   epochs = 1 if model_cfg["name"] == "resnet20" else 3
   ds, model, variables, mask, tx = _setup(model_cfg, epochs=epochs)
   if model_cfg["name"] == "resnet20":
     ds = ds.subset(128, 100)
   seeds = [11, 12, 13]
-  stacked = train.stack([train.init_train_state(tx, variables, mask)] * len(seeds))
-  together, history = _fit(model, tx, stacked, seeds, ds, epochs)
+  stack = lambda: train.stack([train.init_train_state(tx, variables, mask)] * len(seeds))
+  images, labels = jnp.asarray(ds.train_images), jnp.asarray(ds.train_labels)
+  together, history = _fit(model, tx, stack(), seeds, ds, epochs)
+  vmapped_epochs = train.make_train_epochs(model, tx, sharding.make_mesh(devices=jax.devices()[:1]), batch_size=64,
+                                           mean=ds.mean, std=ds.std, num_examples=len(labels), sequential=False)
+  vmapped = stack()
+  for epoch in range(epochs):
+    vmapped, _ = vmapped_epochs(vmapped, jnp.asarray(seeds), epoch, images, labels)
   epoch_fn = jax.jit(train.make_epoch_fn(model, tx, batch_size=64, mean=ds.mean, std=ds.std))
   for k, seed in enumerate(seeds):
     state = train.init_train_state(tx, variables, mask)
     for epoch in range(epochs):
-      key = jax.random.fold_in(jax.random.key(seed), epoch)
-      state, _ = epoch_fn(state, key, jnp.asarray(ds.train_images), jnp.asarray(ds.train_labels))
+      state, _ = epoch_fn(state, jax.random.fold_in(jax.random.key(seed), epoch), images, labels)
+    # One after another inside the call (the CPU default) runs each model's own program:
+    # bit-identical to training it alone.
+    jax.tree.map(np.testing.assert_array_equal, train.unstack(together.variables, k), state.variables)
     jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=2e-4, atol=2e-5),
-                 train.unstack(together.variables, k), state.variables)
+                 train.unstack(vmapped.variables, k), state.variables)
   # Different data orders really give different models, and training learned something.
   a, b = (train.unstack(together.params, k) for k in (0, 1))
   assert not np.allclose(jax.tree.leaves(a)[0], jax.tree.leaves(b)[0])

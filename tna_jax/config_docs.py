@@ -60,7 +60,8 @@ KEYS: dict[str, tuple[str, str]] = {
     "augment.flip": ("random horizontal flips (the paper used none)", "bool"),
     "augment.crop_padding": ("random crops after zero padding by this many pixels; 0 = off", "int >= 0"),
     "lmc.num_alphas": ("points of the interpolation grid from 0 to 1, endpoints included", "int >= 2"),
-    "lmc.alpha_chunk": ("alphas evaluated at once; 0 = all (lower it when memory is tight)", "int >= 0"),
+    "lmc.alpha_chunk": ("alphas evaluated at once; 0 = all on GPU/TPU, one at a time on CPU (lower it when "
+                        "memory is tight)", "int >= 0"),
     "lmc.bn_modes": ("BatchNorm models: interpolate running statistics (raw) and/or re-estimate them per alpha "
                      "(reset)", "comma-separated subset of " + ", ".join(lmc.BN_MODES)),
     "lmc.reset_batches": ("training batches used to re-estimate BatchNorm statistics", "int >= 1"),

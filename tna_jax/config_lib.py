@@ -43,7 +43,7 @@ def lmc_config() -> ml_collections.ConfigDict:
 
   config.lmc = ml_collections.ConfigDict(dict(
       num_alphas=21,  # grid from 0 to 1, endpoints included
-      alpha_chunk=0,  # alphas evaluated at once; 0 = all (lower it if memory is tight)
+      alpha_chunk=0,  # alphas evaluated at once; 0 = all on GPU/TPU, one at a time on CPU
       bn_modes="raw,reset",  # BatchNorm models: interpolate running stats, and/or re-estimate them per alpha
       reset_batches=20,  # training batches used to re-estimate BatchNorm statistics (and by REPAIR)
   ))

@@ -1,8 +1,9 @@
 """Linear mode connectivity: interpolation curves and barriers.
 
-A whole curve is ONE compiled call: vmap over interpolation coefficients of a scan over
-test batches (in chunks of alphas when memory is tight), instead of a Python loop that
-re-enters the device once per alpha and batch. Options of the curve, applied at every
+A whole curve is ONE compiled call: a map over interpolation coefficients (vmapped on
+accelerators, in chunks when memory is tight; one after another on CPU, see
+`tna_jax.stacking`) of a scan over test batches, instead of a Python loop that re-enters
+the device once per alpha and batch. Options of the curve, applied at every
 alpha inside that call: BatchNorm statistics re-estimated on training batches
 (`bn_mode='reset'`) and REPAIR (`repair=True`, see `tna_jax.repair`).
 """
@@ -13,7 +14,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from tna_jax import data, evaluate, repair as repair_lib
+from tna_jax import data, evaluate, repair as repair_lib, stacking
 
 PyTree = Any
 BN_MODES = ("raw", "reset")
@@ -61,7 +62,8 @@ def lmc_curve(model, variables_a: dict, variables_b: dict, alphas: jax.Array, ba
       statistics are measured on all `reset_images` at once (S * B images per alpha; lower
       `alpha_chunk` if memory is tight) and the endpoints are left unchanged.
     reset_images: uint8 [S, B, H, W, C] training batches for bn_mode='reset' and repair.
-    alpha_chunk: alphas evaluated at once; 0 means all of them in one vmap.
+    alpha_chunk: alphas evaluated at once (vmapped); 0 = automatic: all of them on
+      accelerators, one at a time on CPU (`stacking.sequential_default`).
 
   Returns:
     {'loss': [A], 'accuracy': [A]}.
@@ -70,6 +72,9 @@ def lmc_curve(model, variables_a: dict, variables_b: dict, alphas: jax.Array, ba
     raise ValueError(f"bn_mode={bn_mode!r}; allowed: {BN_MODES}")
   if (bn_mode == "reset" or repair) and reset_images is None:
     raise ValueError("bn_mode='reset' and repair=True need reset_images")
+  if alpha_chunk < 0:
+    raise ValueError(f"alpha_chunk={alpha_chunk}; allowed: 0 (automatic) or a positive number of alphas")
+  alpha_chunk = alpha_chunk or (1 if stacking.sequential_default() else 0)
   return _curve(model, bn_mode, repair, alpha_chunk, variables_a, variables_b, alphas, batches, mean, std,
                 reset_images)
 
@@ -95,7 +100,7 @@ def _curve(model, bn_mode, repair, alpha_chunk, variables_a, variables_b, alphas
     return evaluate.evaluate(apply_fn, variables, batches, mean, std)
 
   if alpha_chunk and alpha_chunk < alphas.shape[0]:
-    return jax.lax.map(at_alpha, alphas, batch_size=alpha_chunk)
+    return jax.lax.map(at_alpha, alphas, batch_size=alpha_chunk if alpha_chunk > 1 else None)
   return jax.vmap(at_alpha)(alphas)
 
 

@@ -8,6 +8,8 @@ Errors in the user's input (config values, missing data) end the run with one me
 exit code 2, before anything is written.
 """
 
+import contextlib
+import os
 import sys
 
 from absl import app, flags, logging
@@ -41,7 +43,10 @@ def main(argv) -> None:
       raise app.UsageError("--workdir is required (except with --dry_run).")
     sharding.initialize_distributed(config.get("distributed", "auto") if _DISTRIBUTED.value == "auto"
                                     else _DISTRIBUTED.value)
-    experiments.get_experiment(config.experiment)(config, _WORKDIR.value)
+    with contextlib.ExitStack() as stack:
+      if not sharding.is_writer():  # tables and summaries come once, from process 0
+        stack.enter_context(contextlib.redirect_stdout(stack.enter_context(open(os.devnull, "w"))))
+      experiments.get_experiment(config.experiment)(config, _WORKDIR.value)
   except TnaError as e:
     print(f"error: {e}", file=sys.stderr)
     sys.exit(2)

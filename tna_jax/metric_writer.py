@@ -33,9 +33,11 @@ class MetricWriter:
       from tensorboardX import SummaryWriter  # pylint: disable=g-import-not-at-top
       self._tb = SummaryWriter(os.path.join(workdir, "tensorboard"))
 
-  def write(self, step: int, metrics: Mapping[str, object]) -> None:
-    """Records `metrics` at `step` in both places."""
-    record = {"step": step, **({"models": self.names} if self.names else {}), **metrics}
+  def write(self, step: int, metrics: Mapping[str, object], names: Sequence[str] | None = None) -> None:
+    """Records `metrics` at `step` in both places; `names` replaces the writer's own for
+    this record (runs that train several groups of models one group after another)."""
+    names = self.names if names is None else list(names)
+    record = {"step": step, **({"models": names} if names else {}), **metrics}
     reporting.append_jsonl(self.path, record)
     if self._tb is None:
       return
@@ -43,8 +45,8 @@ class MetricWriter:
       values = np.asarray(value, np.float64)
       if values.ndim == 0:
         self._tb.add_scalar(key, float(values), step)
-      elif values.ndim == 1 and len(values) == len(self.names):
-        for name, v in zip(self.names, values):
+      elif values.ndim == 1 and len(values) == len(names):
+        for name, v in zip(names, values):
           self._tb.add_scalar(f"{key}/{name}", float(v), step)
     self._tb.flush()
 

@@ -1,7 +1,7 @@
 """Where arrays live: one mesh for 1 CPU, 1 GPU, 8 fake CPU devices or a multi-host TPU pod.
 
 Every run builds a 2-D mesh with `jax.make_mesh`: axis 'models' spreads the K models that
-train together (vmapped) and axis 'data' splits each batch. Model state is sharded on
+train together and axis 'data' splits each batch. Model state is sharded on
 'models' only (replicated along 'data', `P('models')`), batches and the on-device dataset
 on 'data' (`P('data')`), and `jax.jit` inserts the gradient all-reduce. The same program
 runs unchanged on one device, where both axes have size 1, which is why there is no second

@@ -12,7 +12,7 @@ soup is ONE compiled call: a scan over the sorted models, each step evaluating i
 candidate average on the held-out batches.
 
 `per_model_run` lets models with different learning rates and training lengths train in
-one vmapped program: each model's multiplier and step budget live in its optimizer state.
+one compiled program: each model's multiplier and step budget live in its optimizer state.
 """
 
 from typing import Any, NamedTuple
@@ -21,7 +21,7 @@ import jax
 import jax.numpy as jnp
 import optax
 
-from tna_jax import evaluate, train
+from tna_jax import evaluate, stacking, train
 
 PyTree = Any
 
@@ -59,8 +59,9 @@ def evaluate_stack(model, stacked_variables: PyTree, batches: evaluate.Batches, 
 @jax.jit(static_argnums=(0, 1, 2, 3))
 def _evaluate_stack(model, mean, std, per_model_batches, stacked, batches):
   apply_fn = evaluate.inference_fn(model)
-  return jax.vmap(lambda v, b: evaluate.evaluate(apply_fn, v, b, mean, std),
-                  in_axes=(0, 0 if per_model_batches else None))(stacked, batches)
+  return stacking.map_stacked(lambda v, b: evaluate.evaluate(apply_fn, v, b, mean, std),
+                              sequential=stacking.sequential_default(),
+                              in_axes=(0, 0 if per_model_batches else None))(stacked, batches)
 
 
 class GreedySoup(NamedTuple):
@@ -92,7 +93,7 @@ def _greedy(model, mean, std, stacked, batches) -> GreedySoup:
   def accuracy(variables):
     return evaluate.evaluate(apply_fn, variables, batches, mean, std)["accuracy"]
 
-  individual = jax.vmap(accuracy)(stacked)
+  individual = stacking.map_stacked(accuracy, sequential=stacking.sequential_default())(stacked)
   order = jnp.argsort(-individual, stable=True)
   total = train.unstack(stacked, order[0])
 
@@ -113,7 +114,7 @@ def _greedy(model, mean, std, stacked, batches) -> GreedySoup:
 
 
 class RunState(NamedTuple):
-  """One model's learning-rate multiplier and step budget (scalars; vmapped, one per model)."""
+  """One model's learning-rate multiplier and step budget (scalars, one per model)."""
 
   count: jax.Array  # int32 updates so far
   lr_factor: jax.Array  # float32 multiplier of the whole update
@@ -127,7 +128,7 @@ def per_model_run() -> optax.GradientTransformationExtraArgs:
   of every fixed entry exactly 0, and a multiple of 0 is 0, so the mask still holds. A
   scaled update equals a scaled learning rate for every optimizer of `optim` (the learning
   rate is the last factor of each), and a model past its budget is a model that stopped
-  training: models with different learning rates and epochs share one vmapped program.
+  training: models with different learning rates and epochs share one compiled program.
   Set the values with `set_run`; the defaults (1, no limit) change nothing.
   """
 

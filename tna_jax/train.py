@@ -1,10 +1,10 @@
-"""Training K models side by side as one vmapped, compiled program.
+"""Training K models side by side as one compiled program.
 
 The models of one experiment share the initialization and the mask (or differ in them, as
 vanilla vs TNA-PFN vs pruning) and differ in data order. Everything an epoch needs lives on
 the device: the uint8 training set, the shuffle (a permutation per model and epoch), the
-normalization and augmentation, so one epoch is one call: vmap over models of a scan over
-steps.
+normalization and augmentation, so one epoch is one call: a map over models (vmap on
+accelerators, one after another on CPU: `tna_jax.stacking`) of a scan over steps.
 
 The same call runs on any number of devices and processes (`tna_jax.sharding`): the
 models are spread over the mesh axis 'models', every batch over 'data', the uint8 dataset
@@ -22,8 +22,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
-from tna_jax import data, sharding
-from tna_jax.federated import conv_layout
+from tna_jax import conv_layout, data, sharding, stacking
 
 PyTree = Any
 
@@ -77,7 +76,8 @@ def make_epoch_fn(model, tx: optax.GradientTransformationExtraArgs, *, batch_siz
   """`epoch(state, key, train_images, train_labels) -> (state, metrics)` for ONE model.
 
   `key` decides this model's data order (and augmentation) for this epoch; the last
-  incomplete batch is dropped so every step has the same shape. vmap it over models.
+  incomplete batch is dropped so every step has the same shape. Map it over models
+  (`stacking.map_stacked`).
   Only the first `num_examples` rows are real (default: all; `sharding.shard_rows` pads).
   With a `mesh`, every batch is split over its 'data' axis; the order does not depend on
   the mesh, so any number of devices trains the same model. On CPU the step's
@@ -125,32 +125,36 @@ def epoch_keys(data_seeds, epoch) -> jax.Array:
   return jax.vmap(lambda s: jax.random.fold_in(jax.random.key(s), epoch))(jnp.asarray(data_seeds))
 
 
-def create_states(init_fn: Callable[[], TrainState], mesh: jax.sharding.Mesh) -> TrainState:
-  """Runs `init_fn` (building K stacked states) so each model is created on its own shard.
+def create_states(init_fn: Callable[..., TrainState], mesh: jax.sharding.Mesh, *args) -> TrainState:
+  """Runs `init_fn(*args)` (building K stacked states) so each model is created on its own shard.
 
-  The parameters never exist whole on one device first: jit with `out_shardings` writes
-  every leaf (all have the leading model axis) straight into its place.
+  The stacked parameters never exist whole on one device first: jit with `out_shardings`
+  writes every leaf (all have the leading model axis) straight into its place.
   """
-  return jax.jit(init_fn, out_shardings=sharding.named(mesh, sharding.MODELS))()
+  return jax.jit(init_fn, out_shardings=sharding.named(mesh, sharding.MODELS))(*args)
 
 
 def make_train_epochs(model, tx: optax.GradientTransformationExtraArgs, mesh: jax.sharding.Mesh, *,
                       batch_size: int, mean, std, num_examples: int, flip: bool = False,
-                      crop_padding: int = 0) -> Callable:
+                      crop_padding: int = 0, sequential: bool | None = None) -> Callable:
   """`train_epochs(states, seeds, epoch, train_images, train_labels) -> (states, metrics)`.
 
   One compiled call trains the K stacked `states` (sharded on 'models', donated) for one
   epoch, model k in the data order of `seeds[k]` and `epoch`; the data are the sharded
   uint8 arrays of `sharding.shard_rows`. Metrics come back replicated, one value per model.
+  `sequential` trains the models one after another instead of vmapped (default: on CPU
+  meshes, `stacking.sequential_default`); the results agree up to float rounding.
   """
+  if sequential is None:
+    sequential = stacking.sequential_default(mesh)
   epoch_fn = make_epoch_fn(model, tx, batch_size=batch_size, mean=mean, std=std, flip=flip,
                            crop_padding=crop_padding, num_examples=num_examples, mesh=mesh)
 
   @jax.jit(donate_argnums=0, out_shardings=(sharding.named(mesh, sharding.MODELS), sharding.named(mesh)))
   def train_epochs(states, seeds, epoch, train_images, train_labels):
     keys = sharding.constrain(epoch_keys(seeds, epoch), mesh, sharding.MODELS)
-    return jax.vmap(epoch_fn, in_axes=(0, 0, None, None), spmd_axis_name=sharding.MODELS)(
-        states, keys, train_images, train_labels)
+    return stacking.map_stacked(epoch_fn, sequential=sequential, in_axes=(0, 0, None, None),
+                                spmd_axis_name=sharding.MODELS)(states, keys, train_images, train_labels)
 
   return train_epochs
 
@@ -182,8 +186,10 @@ def fit(model, tx: optax.GradientTransformationExtraArgs, states: TrainState, da
                                    num_examples=num_train, flip=flip, crop_padding=crop_padding)
   by_model, replicated = sharding.named(mesh, sharding.MODELS), sharding.named(mesh)
   apply_fn = evaluate.inference_fn(model)
-  evaluate_all = jax.jit(jax.vmap(lambda v, b: evaluate.evaluate(apply_fn, v, b, dataset.mean, dataset.std),
-                                  in_axes=(0, None), spmd_axis_name=sharding.MODELS), out_shardings=replicated)
+  evaluate_one = lambda variables, batches: evaluate.evaluate(apply_fn, variables, batches, dataset.mean, dataset.std)
+  evaluate_all = jax.jit(stacking.map_stacked(evaluate_one, sequential=stacking.sequential_default(mesh),
+                                              in_axes=(0, None), spmd_axis_name=sharding.MODELS),
+                         out_shardings=replicated)
   states = sharding.put(states, by_model)
   seeds = sharding.put(np.asarray(data_seeds, np.int32), by_model)
   train_images, train_labels = (sharding.shard_rows(a, mesh) for a in (dataset.train_images, dataset.train_labels))

@@ -10,8 +10,8 @@ its accuracies are the baseline "fine-tuning from the original base", and round 
 round like contributors but never enter the average: they measure the fused base as a
 starting point for new tasks.
 
-Every (variant, task) model of a round trains in ONE vmapped program: `train.make_epoch_fn`
-vmapped over models, each with its own task's data. Tasks get equal training-set sizes for
+Every (variant, task) model of a round trains in ONE compiled program: `train.make_epoch_fn`
+mapped over models (`tna_jax.stacking`), each with its own task's data. Tasks get equal training-set sizes for
 that, and heads as wide as the widest task (`task_head` switches a task's extra logits off).
 
 Tasks: for image datasets, relabelings ('0+2/1/3': '/'-separated groups of '+'-joined
@@ -31,8 +31,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from tna_jax import (checkpoints, data, evaluate, models, optim, pretrained, reporting, soup, text_data, train,
-                     transformers)
+from tna_jax import (checkpoints, data, evaluate, metric_writer, models, optim, pretrained, reporting, soup, stacking,
+                     text_data, train, transformers)
 from tna_jax.errors import ConfigError, check_choice
 from tna_jax.experiments import soup as soup_experiment
 from tna_jax.experiments.lmc import check_workdir
@@ -196,7 +196,8 @@ def cold_fusion(model, tx, base: dict, heads: PyTree, fixed: PyTree, tasks: Task
   repeat = lambda tree: jax.tree.map(lambda x: jnp.repeat(x, num_tasks, axis=0), tree)  # [V] -> [V*T]
   tile = lambda tree: jax.tree.map(lambda x: jnp.tile(x, (num_variants,) + (1,) * (x.ndim - 1)), tree)  # [T] -> [V*T]
   by_variant = lambda tree: jax.tree.map(lambda x: x.reshape((num_variants, num_tasks) + x.shape[1:]), tree)
-  epoch_fn = jax.jit(jax.vmap(train.make_epoch_fn(model, tx, batch_size=batch_size, mean=tasks.mean, std=tasks.std)),
+  epoch_fn = jax.jit(stacking.map_stacked(train.make_epoch_fn(model, tx, batch_size=batch_size, mean=tasks.mean,
+                                                               std=tasks.std), sequential=stacking.sequential_default()),
                      donate_argnums=0)
   init_states = jax.jit(jax.vmap(lambda variables, f: train.init_train_state(tx, variables, f)))
   fuse = jax.jit(jax.vmap(soup.masked_average, in_axes=(0, 0, 0, None)))
@@ -258,17 +259,15 @@ def run(config, workdir: str) -> dict[str, Any]:
   steps = config.cold.examples_per_task // config.batch_size
   tx = optim.make_optimizer(config.optimizer, steps * config.cold.epochs_per_round)
 
-  metrics_path = os.path.join(workdir, "metrics.jsonl")
-  if os.path.exists(metrics_path):
-    os.remove(metrics_path)
-  log = lambda r, states, acc: reporting.append_jsonl(metrics_path, {  # pylint: disable=g-long-lambda
-      "round": r, **{v: dict(zip(tasks.names, acc[i])) for i, v in enumerate(variants)}})
+  writer = metric_writer.MetricWriter(workdir, tasks.names)  # per round: each variant's accuracy on every task
+  log = lambda r, states, acc: writer.write(r, {f"accuracy_{v}": acc[i] for i, v in enumerate(variants)})
   start = time.perf_counter()
   accuracy, bases = cold_fusion(
       model, tx, train.stack([base] * len(variants)), heads, train.stack([fixed[v] for v in variants]), tasks,
       rounds=config.cold.rounds, epochs=config.cold.epochs_per_round, batch_size=config.batch_size,
       data_seeds=[config.data_seed + t for t in range(len(tasks.names))], on_round=log)
   fusion_seconds = time.perf_counter() - start
+  writer.close()
 
   results = {
       "config": config.to_dict(),

@@ -27,7 +27,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from tna_jax import (checkpoints, data, evaluate, lmc, masks, matching, metric_writer, models, optim, permutations,
-                     reporting, train)
+                     reporting, sharding, train)
 from tna_jax.errors import ConfigError, check_choice
 
 VARIANTS = ("vanilla", "tna", "pruning")
@@ -73,7 +73,8 @@ def validate(config) -> None:
       raise ConfigError(f"{key}={value!r} is out of range; allowed: 0 <= {key} < 1.")
   variants_of(config)
   for key, value, low in (("num_models", config.num_models, 2), ("num_epochs", config.num_epochs, 1),
-                          ("batch_size", config.batch_size, 1), ("lmc.num_alphas", config.lmc.num_alphas, 2)):
+                          ("batch_size", config.batch_size, 1), ("lmc.num_alphas", config.lmc.num_alphas, 2),
+                          ("lmc.alpha_chunk", config.lmc.alpha_chunk, 0)):
     if value < low:
       raise ConfigError(f"{key}={value!r} must be >= {low}.")
   for mode in config.lmc.bn_modes.split(","):
@@ -126,16 +127,19 @@ def run(config, workdir: str) -> dict[str, Any]:
 
   steps_per_epoch = len(dataset.train_labels) // config.batch_size
   tx = optim.make_optimizer(config.optimizer, steps_per_epoch * config.num_epochs)
-  states = train.stack([train.init_train_state(tx, *starts[v]) for v in variants for _ in range(k)])
   names = [f"{v}_{i}" for v in variants for i in range(k)]
   data_seeds = [config.data_seed + i for _ in variants for i in range(k)]
+  mesh = sharding.make_mesh(len(names), config.batch_size)
+  states = train.create_states(
+      lambda starts: train.stack([train.init_train_state(tx, *starts[v]) for v in variants for _ in range(k)]),
+      mesh, starts)
 
   writer = metric_writer.MetricWriter(workdir, names)
   start = time.perf_counter()
   states, history = train.fit(
       model, tx, states, data_seeds, dataset, num_epochs=config.num_epochs, batch_size=config.batch_size,
       eval_batch_size=config.eval_batch_size, flip=config.augment.flip, crop_padding=config.augment.crop_padding,
-      on_epoch=lambda record: writer.write(record["epoch"], record))
+      on_epoch=lambda record: writer.write(record["epoch"], record), mesh=mesh)
   train_seconds = time.perf_counter() - start
   writer.close()
 

@@ -5,7 +5,7 @@ Every model starts from the same base (`pretrained.load_base`: a pretrained body
 shared head initialization) and draws its own hyperparameters: learning-rate factor,
 epochs, augmentation; model k sees data order data_seed + k. The variants (vanilla, tna)
 use the same K draws, so they are compared model for model. All models with the same
-augmentation train in ONE vmapped program (`train.fit`): learning rate and epochs differ
+augmentation train in ONE compiled program (`train.fit`): learning rate and epochs differ
 inside it through `soup.per_model_run`.
 
 The training data are training examples [split.start, + split.num_train); the next
@@ -26,8 +26,8 @@ import jax
 import numpy as np
 import optax
 
-from tna_jax import (checkpoints, data, evaluate, masks, models, optim, pretrained, reporting, soup, train,
-                     transformers)
+from tna_jax import (checkpoints, data, evaluate, masks, metric_writer, models, optim, pretrained, reporting, soup,
+                     train, transformers)
 from tna_jax.errors import ConfigError, check_choice
 from tna_jax.experiments.lmc import check_workdir
 
@@ -175,7 +175,7 @@ def run(config, workdir: str) -> dict[str, Any]:
 
 def finetune(config, model, base: dict, fixed: dict, variants: list[str], hparams: list[dict],
              dataset: data.Dataset, workdir: str) -> dict[str, train.TrainState]:
-  """Trains every (variant, model) pair; one vmapped `train.fit` per augmentation setting.
+  """Trains every (variant, model) pair; one `train.fit` per augmentation setting.
 
   Returns each variant's K trained states stacked in model order.
   """
@@ -184,9 +184,7 @@ def finetune(config, model, base: dict, fixed: dict, variants: list[str], hparam
     raise ConfigError(f"split.num_train={len(dataset.train_labels)} is smaller than batch_size={config.batch_size}.")
   max_epochs = max(h["epochs"] for h in hparams)
   tx = optax.chain(optim.make_optimizer(config.optimizer, steps_per_epoch * max_epochs), soup.per_model_run())
-  metrics_path = os.path.join(workdir, "metrics.jsonl")
-  if os.path.exists(metrics_path):
-    os.remove(metrics_path)
+  writer = metric_writer.MetricWriter(workdir)
   trained = {}
   for augment in sorted({h["augment"] for h in hparams}):
     members = [(v, k) for v in variants for k, h in enumerate(hparams) if h["augment"] == augment]
@@ -200,10 +198,11 @@ def finetune(config, model, base: dict, fixed: dict, variants: list[str], hparam
         num_epochs=max(hparams[k]["epochs"] for _, k in members), batch_size=config.batch_size,
         eval_batch_size=config.eval_batch_size, flip="flip" in augment,
         crop_padding=config.soup.crop_padding if "crop" in augment else 0,
-        on_epoch=lambda record, names=names: reporting.append_jsonl(metrics_path, {"models": names, **{
-            key.replace("test_", "heldout_"): value for key, value in record.items()}}))
+        on_epoch=lambda record, names=names: writer.write(
+            record["epoch"], {key.replace("test_", "heldout_"): value for key, value in record.items()}, names))
     for i, member in enumerate(members):
       trained[member] = train.unstack(states, i)
+  writer.close()
   return {v: train.stack([trained[(v, k)] for k in range(len(hparams))]) for v in variants}
 
 

@@ -3,5 +3,4 @@
 partition: clients' shares of the training set (IID, Dirichlet label skew, k-class shards).
 client: local training of every sampled client of a round as one compiled program.
 algorithms: the algorithms as pure (init, round) functions over a server state.
-conv_layout: convolutions in the layout XLA:CPU runs fast inside loops.
 """

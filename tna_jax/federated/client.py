@@ -23,7 +23,7 @@ import numpy as np
 import optax
 
 from tna_jax import data, sharding, train
-from tna_jax.federated import conv_layout
+from tna_jax import conv_layout
 
 PyTree = Any
 
