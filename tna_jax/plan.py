@@ -54,7 +54,8 @@ def plan(config) -> dict[str, Any]:
 
 
 def _step_memory(model, opt_config, variables, num_models: int, batch_size: int, image_shape) -> dict[str, float]:
-  """State size of all models and XLA's memory analysis of one vmapped training step."""
+  """State size of all models and XLA's memory analysis of one training step of all of them
+  vmapped, as accelerators run it (CPU runs them one after another and needs less)."""
   tx = optim.make_optimizer(opt_config, 1)
   state = jax.eval_shape(lambda v: train.init_train_state(tx, v, masks.no_mask(v["params"])), variables)
   stacked = jax.tree.map(lambda s: jax.ShapeDtypeStruct((num_models,) + s.shape, s.dtype), state)
