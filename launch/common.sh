@@ -44,6 +44,14 @@ die() {
   exit 2
 }
 
+# Dies unless every named variable is set; variable CONFIG stands for flag --config.
+require() {
+  local name
+  for name in "$@"; do
+    [[ -n "${!name}" ]] || die "--$(tr '[:upper:]' '[:lower:]' <<<"$name") is required (see --help)."
+  done
+}
+
 # The main command line every launcher runs: python -m tna_jax.main with the config, the
 # workdir and any extra flags.
 main_command() {

@@ -30,8 +30,7 @@ while (($#)); do
     *) echo "error: unknown argument $1" >&2; usage 2 ;;
   esac
 done
-[[ -n "$CONFIG" ]] || die "--config is required (see --help)."
-[[ -n "$WORKDIR" ]] || die "--workdir is required (see --help)."
+require CONFIG WORKDIR
 [[ "$PROCESSES" =~ ^[1-9][0-9]*$ ]] || die "--processes=$PROCESSES must be a positive integer."
 
 cd "$REPO"

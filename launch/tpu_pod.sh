@@ -41,9 +41,7 @@ while (($#)); do
     *) echo "error: unknown argument $1" >&2; usage 2 ;;
   esac
 done
-for required in NAME ZONE CONFIG WORKDIR; do
-  [[ -n "${!required}" ]] || die "--$(tr '[:upper:]' '[:lower:]' <<<"$required") is required (see --help)."
-done
+require NAME ZONE CONFIG WORKDIR
 ((SKIP_CREATE)) || [[ -n "$ACCELERATOR" ]] || die "--accelerator is required unless --skip-create (e.g. v4-32)."
 
 GCLOUD=(gcloud compute tpus tpu-vm)

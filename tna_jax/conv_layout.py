@@ -37,6 +37,12 @@ def canonical_convolutions(fn: Callable) -> Callable:
   return wrapped
 
 
+def canonical_on_cpu(fn: Callable, platform: str | None = None) -> Callable:
+  """`canonical_convolutions(fn)` when the program runs on CPU (`platform`, default: JAX's
+  default backend); `fn` itself elsewhere, where every layout is already fast."""
+  return canonical_convolutions(fn) if (platform or jax.default_backend()) == "cpu" else fn
+
+
 def _eval(jaxpr: jex_core.Jaxpr, consts, *args) -> list:
   env = {}
 

@@ -26,7 +26,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from tna_jax import checkpoints, data, evaluate, masks, metric_writer, models, optim, reporting, sharding
+from tna_jax import checkpoints, data, evaluate, masks, metric_writer, models, optim, reporting, sharding, stacking
 from tna_jax.errors import ConfigError, check_choice
 from tna_jax.experiments.lmc import check_workdir
 from tna_jax.federated import algorithms, client, partition
@@ -170,8 +170,9 @@ def planned_models(config) -> int:
 
 def round_spec(config, num_clients: int) -> algorithms.RoundSpec:
   """The RoundSpec of a config; client_batch 0 means all clients at once on GPU/TPU, one at a
-  time on CPU (XLA:CPU runs vmapped convolutions as slow grouped ones)."""
-  client_batch = config.client_batch or (1 if jax.default_backend() == "cpu" else 0)
+  time on CPU (`stacking.sequential_default`: XLA:CPU runs vmapped convolutions as slow
+  grouped ones)."""
+  client_batch = config.client_batch or (1 if stacking.sequential_default() else 0)
   return algorithms.RoundSpec(
       batch_size=config.batch_size, local_epochs=config.local_epochs,
       clients_per_round=max(1, round(config.client_fraction * num_clients)), data_seed=config.data_seed,

@@ -22,8 +22,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
-from tna_jax import data, sharding, train
-from tna_jax import conv_layout
+from tna_jax import conv_layout, data, sharding, train
 
 PyTree = Any
 
@@ -103,14 +102,14 @@ def make_local_update(model, tx: optax.GradientTransformationExtraArgs, *, batch
   trained). vmap it over clients. With a `mesh`, every batch is split over its 'data' axis.
   """
   steps_per_epoch = num_steps(max_size, batch_size)
-  # On CPU, convolutions inside the loops below are only fast in the canonical layout.
-  fast_layout = conv_layout.canonical_convolutions if jax.default_backend() == "cpu" else lambda fn: fn
   skipped = {"loss": jnp.zeros((), jnp.float32), "accuracy": jnp.zeros((), jnp.float32)}
 
   def update(params, batch_stats, mask, hyper, indices, size, key, images, labels):
     client_tx = local_optimizer(tx, params, hyper["mu"], hyper["lr_scale"])
     state = train.TrainState(params=params, batch_stats=batch_stats, opt_state=client_tx.init(params), fixed=mask)
-    train_step = fast_layout(lambda state, images, labels: train.train_step(model, client_tx, state, images, labels))
+    # On CPU, convolutions inside the loops below are only fast in the canonical layout.
+    train_step = conv_layout.canonical_on_cpu(
+        lambda state, images, labels: train.train_step(model, client_tx, state, images, labels))
     steps = num_steps(size, batch_size)
 
     def epoch(state, e):
