@@ -17,5 +17,5 @@ def get_config(arg=None):
   config.local_epochs = 2  # FedPNU: one epoch with the mask, one with its reverse
   config.batch_size = 32
   config.optimizer.learning_rate = 0.05
-  config.checkpoint_every = 5
+  config.checkpoint.every = 5
   return config_lib.apply_fed_preset(config, arg)

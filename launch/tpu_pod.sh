@@ -14,6 +14,13 @@
 #   4. with --fetch DIR: copy worker 0's workdir back here
 #   5. with --delete: delete the slice
 # Extra arguments after `--` go to tna_jax.main (e.g. -- --config.num_epochs=20).
+#
+# --spot creates a Spot (preemptible) slice. A run that is preempted resumes: run the SAME
+# command again (the slice is recreated, or pass --skip-create if it still exists) and every
+# experiment continues from its last checkpoint, ending bit-identical to an uninterrupted run
+# on the same machine type. Give a --workdir that outlives the VMs, a gs:// bucket
+# (e.g. --workdir gs://my-bucket/runs/resnet20); checkpoint more often with
+# -- --config.checkpoint.every=N or --config.checkpoint.every_minutes=M.
 set -euo pipefail
 source "$(dirname "${BASH_SOURCE[0]}")/common.sh"
 REPO="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"

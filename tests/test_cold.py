@@ -65,7 +65,7 @@ def test_masked_contributors_keep_the_base_entries_in_every_round():
   _, stacked, model, variables, fixed, heads, tx = _setup(specs, [True, True, True, False], fixed_fraction=0.4)
   seen = []
   _, bases = _fusion(stacked, model, variables, fixed, heads, tx, rounds=2, num_variants=2,
-                     on_round=lambda r, states, acc: seen.append((r, states.params, acc)))
+                     on_round=lambda r, states, metrics, bases: seen.append((r, states.params, metrics["accuracy"])))
   assert [r for r, _, _ in seen] == [0, 1, 2]
   body = lambda tree: {k: v for k, v in tree.items() if k != "head"}
   flat = lambda tree: jax.tree.leaves(body(tree))
@@ -126,7 +126,8 @@ def test_cold_experiment_writes_results(tmp_path, capsys):
   assert (tmp_path / "cold.png").stat().st_size > 10_000
   assert (tmp_path / "checkpoints" / "tna_round1").is_dir()
   records = metric_writer.read_jsonl(str(tmp_path / "metrics.jsonl"))
-  assert [r["step"] for r in records] == [0, 1] and len(records[1]["models"]) == 3
+  assert [(r["phase"], r["step"], r["round"]) for r in records] == [("fusion", 1, 0), ("fusion", 2, 1)]
+  assert len(records[1]["models"]) == 3
   np.testing.assert_allclose(records[1]["accuracy_tna"], [saved["accuracy"]["tna"][n][1] for n in records[1]["models"]])
   assert any((tmp_path / "tensorboard").iterdir()), "TensorBoard event file missing"
 

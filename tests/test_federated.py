@@ -13,6 +13,7 @@ import optax
 import pytest
 
 from tna_jax import config_lib, masks, models, optim, train
+from tna_jax import workdir as workdir_lib
 from tna_jax.errors import ConfigError
 from tna_jax.experiments import fed
 from tna_jax.federated import algorithms, client, partition
@@ -276,55 +277,29 @@ def _config(**overrides):
   config.model.name, config.model.depth, config.model.width = "mlp", 1, 32
   config.num_train, config.num_test = 600, 300
   config.algorithms = "fedavg,fedpfn+m"
-  config.num_rounds, config.checkpoint_every = 3, 2
+  config.num_rounds, config.checkpoint.every = 3, 2
   config.update(overrides)
   return config
 
 
-def _final_params(workdir, config, name):
-  state = algorithms.init(algorithms.parse(name), models.init_variables(
-      models.get_model(config.model, 10), jax.random.key(0), (28, 28, 1)), algorithms.MaskSpec(), local_epochs=1)
-  return fed.restore_latest(os.path.join(workdir, "checkpoints", name), state, config.num_rounds)[0].params
-
-
-def test_resume_after_interruption_gives_the_same_final_params(tmp_path, monkeypatch):
+def test_fed_run_writes_plots_and_summary_and_refuses_to_clobber(tmp_path):
+  # Preempted and resumed runs: tests/test_preemption.py.
   config = _config()
-  full = fed.run(config, str(tmp_path / "full"))
-
-  make_round = algorithms.make_round
-
-  def interrupted(*args, **kwargs):
-    round_fn = make_round(*args, **kwargs)
-
-    def maybe_fail(state, *data):
-      if int(state.round) == 2:  # fedavg's third round, after its round-2 checkpoint
-        raise KeyboardInterrupt
-      return round_fn(state, *data)
-
-    return maybe_fail
-
-  workdir = str(tmp_path / "resumed")
-  monkeypatch.setattr(algorithms, "make_round", interrupted)
-  with pytest.raises(KeyboardInterrupt):
-    fed.run(config, workdir)
-  assert not os.path.exists(os.path.join(workdir, "results.json"))
-  monkeypatch.setattr(algorithms, "make_round", make_round)
-  resumed = fed.run(config, workdir)
-  for name in ("fedavg", "fedpfn+m"):
-    _assert_trees_equal(_final_params(workdir, config, name), _final_params(str(tmp_path / "full"), config, name))
-  assert [h["test_accuracy"] for h in resumed["history"]["fedavg"]] == [
-      h["test_accuracy"] for h in full["history"]["fedavg"]]
+  workdir = str(tmp_path / "run")
+  results = fed.run(config, workdir)
   for png in ("accuracy.png", "label_distribution.png"):
     assert os.path.getsize(os.path.join(workdir, png)) > 1000
   with open(os.path.join(workdir, "results.json")) as f:
     summary = {row["algorithm"]: row for row in json.load(f)["summary"]}
   assert set(summary) == {"fedavg", "fedpfn+m"} and 10 < summary["fedavg"]["final_accuracy"] <= 100
-
-  # A finished run refuses to be clobbered, and a changed config refuses its checkpoints.
+  assert [h["round"] for h in results["history"]["fedavg"]] == list(range(1, config.num_rounds + 1))
   with pytest.raises(ConfigError, match="results.json"):
     fed.run(config, workdir)
-  with pytest.raises(ConfigError, match="differs in prox_mu"):
-    fed.prepare_workdir(workdir, _config(prox_mu=0.5))
+  # An unfinished run resumes under a new algorithm list or reporting keys, not under a new prox_mu.
+  saved = json.loads(json.dumps(config.to_dict()))
+  assert not workdir_lib.changed_keys(saved, _config(algorithms="fedavg", final_rounds=1).to_dict(),
+                                      fed.RESUMABLE_CHANGES)
+  assert workdir_lib.changed_keys(saved, _config(prox_mu=0.5).to_dict(), fed.RESUMABLE_CHANGES) == ["prox_mu"]
 
 
 def test_bad_config_values_are_clear_errors_before_anything_is_written(tmp_path):

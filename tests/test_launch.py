@@ -103,3 +103,11 @@ def test_slurm_dry_run(trap_path):
   assert "--ntasks-per-node=8" in directives and "--gpus-per-node=8" in directives
   result = _launch("slurm.sbatch", "configs/resnet20.py", env={"DRY_RUN": "1"}, path=trap_path)
   assert result.returncode == 2 and "usage" in result.stderr
+
+
+def test_tpu_help_says_that_rerunning_a_preempted_spot_run_resumes_it(trap_path):
+  result = _launch("tpu_pod.sh", "--help", path=trap_path)
+  assert result.returncode == 0
+  text = " ".join(result.stdout.split())
+  assert "--spot creates a Spot (preemptible) slice" in text and "run the SAME command again" in text
+  assert "continues from its last checkpoint" in text and "gs://" in text

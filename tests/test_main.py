@@ -42,7 +42,9 @@ def test_lmc_run_prints_the_table_and_writes_results(tiny_run):
   assert (workdir / "lmc_curves.png").stat().st_size > 10_000
   lines = (workdir / "metrics.jsonl").read_text().splitlines()
   assert len(lines) == 1 and len(json.loads(lines[0])["test_accuracy"]) == 6
-  assert any((workdir / "tensorboard").iterdir()), "TensorBoard event file missing"
+  assert any((workdir / "tensorboard" / "train").iterdir()), "TensorBoard event file missing"
+  assert (workdir / "results.json").stat().st_mode & 0o777 == 0o644 and "NaN" not in (workdir / "results.json").read_text()
+  assert not (workdir / ".lock").exists() and (workdir / "config.json").exists()
 
 
 def test_checkpoints_are_readable_with_orbax_alone(tiny_run):
@@ -63,7 +65,7 @@ def test_existing_results_are_not_overwritten(tiny_run):
   before = (workdir / "results.json").read_bytes()
   result = run_main("configs/fmnist_mlp.py:quick", workdir, *TINY)
   assert result.returncode == 2
-  assert "already holds results.json" in result.stderr and "--config.overwrite=True" in result.stderr
+  assert "already holds a finished run (results.json)" in result.stderr and "--config.overwrite=True" in result.stderr
   assert (workdir / "results.json").read_bytes() == before
 
 

@@ -154,10 +154,12 @@ def test_soup_experiment_writes_results_and_refuses_to_clobber(tmp_path, capsys)
     assert r["best_single"] == results["variants"][variant]["best_single"]
   assert (tmp_path / "soup.png").stat().st_size > 10_000
   records = metric_writer.read_jsonl(str(tmp_path / "metrics.jsonl"))
-  assert records and all("heldout_accuracy" in r and len(r["models"]) == len(r["heldout_accuracy"]) for r in records)
+  finetuned = [r for r in records if r["phase"].startswith("finetune_")]
+  assert finetuned and all("heldout_accuracy" in r and len(r["models"]) == len(r["heldout_accuracy"]) for r in finetuned)
+  assert [r["step"] for r in records if r["phase"] == "pretrain"] == list(range(1, config.pretrain.num_epochs + 1))
   assert any((tmp_path / "tensorboard").iterdir()), "TensorBoard event file missing"
   assert (tmp_path / "checkpoints" / "tna_greedy").is_dir() and (tmp_path / "checkpoints" / "pretrained").is_dir()
-  with pytest.raises(ConfigError, match="already holds results.json"):
+  with pytest.raises(ConfigError, match=r"already holds a finished run \(results.json\)"):
     soup_experiment.run(config, str(tmp_path))
 
 

@@ -243,10 +243,10 @@ def test_an_orbax_base_lands_on_the_model_with_a_fresh_head(tmp_path):
                                                                  reinit="^head/")))
   ds = data.Dataset("toy", np.zeros((4,) + IMAGE_SHAPE, np.uint8), np.zeros(4, np.int32),
                     np.zeros((4,) + IMAGE_SHAPE, np.uint8), np.zeros(4, np.int32), 5, (0.0,), (1.0,))
-  base = pretrained.load_base(config, model, ds, str(tmp_path / "run"))
+  base = pretrained.load_base(config, model, ds)
   fresh = models.init_variables(model, jax.random.key(0), IMAGE_SHAPE)["params"]
   _assert_trees_equal(base["params"]["fc1"], pretrained_variables["params"]["fc1"])
   _assert_trees_equal(base["params"]["head"], fresh["head"])
   config.base.path = str(tmp_path / "missing")
   with pytest.raises(DataNotFoundError, match="not an orbax checkpoint directory"):
-    pretrained.load_base(config, model, ds, str(tmp_path / "run"))
+    pretrained.load_base(config, model, ds)

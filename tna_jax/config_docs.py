@@ -65,7 +65,13 @@ KEYS: dict[str, tuple[str, str]] = {
     "lmc.bn_modes": ("BatchNorm models: interpolate running statistics (raw) and/or re-estimate them per alpha "
                      "(reset)", "comma-separated subset of " + ", ".join(lmc.BN_MODES)),
     "lmc.reset_batches": ("training batches used to re-estimate BatchNorm statistics", "int >= 1"),
-    "overwrite": ("allow replacing an earlier run's results in the same workdir", "bool"),
+    "overwrite": ("replace an earlier run in the workdir: the new run is built beside it and swapped in when "
+                  "complete; the old one is kept as WORKDIR.previous-TIME", "bool"),
+    "checkpoint.every": ("epochs (rounds) between checkpoints of each resumable phase; the last is always saved",
+                         "int >= 1"),
+    "checkpoint.every_minutes": ("also checkpoint when this many minutes passed since the last save; 0 = off",
+                                 "float >= 0"),
+    "checkpoint.keep": ("checkpoints kept per phase", "int >= 1"),
     "align": ("post-hoc alignment of model 1 onto model 0 before measuring curves again",
               "none \\| weight \\| activation"),
     "repair": ("also measure every curve with REPAIR (channel statistics rescaled at each alpha)", "bool"),
@@ -132,7 +138,6 @@ KEYS: dict[str, tuple[str, str]] = {
     "sample_seed": ("seed of the sampled clients of each round", "int"),
     "eval_every": ("rounds between test evaluations of the global model", "int >= 1"),
     "client_eval": ("also evaluate on the test set reweighted to each client's label mix", "bool"),
-    "checkpoint_every": ("rounds between orbax checkpoints (resume is exact)", "int >= 1"),
     "final_rounds": ("reported accuracy = mean over the last this many evaluations", "int >= 1"),
 }
 

@@ -56,8 +56,19 @@ def lmc_config() -> ml_collections.ConfigDict:
       seed=0,  # weight matching: order in which each sweep visits the permutations
       batches=20,  # activation matching: training batches whose activations are correlated
   ))
-  config.overwrite = False  # allow replacing an earlier run's results in the same workdir
+  config.checkpoint = checkpoint_config()
+  config.overwrite = False  # replace an earlier run (kept as WORKDIR.previous-* once the new one is complete)
   return config
+
+
+def checkpoint_config() -> ml_collections.ConfigDict:
+  """When a run checkpoints its resumable phases (epochs or rounds); a killed run resumes
+  from the last one when the same command runs again."""
+  return ml_collections.ConfigDict(dict(
+      every=1,  # steps (epochs or rounds) between checkpoints; the last step is always saved
+      every_minutes=0.0,  # also save when this many minutes passed since the last save; 0 = off
+      keep=2,  # checkpoints kept per phase (older ones are deleted)
+  ))
 
 
 def apply_preset(config: ml_collections.ConfigDict, arg: str | None) -> ml_collections.ConfigDict:
@@ -109,7 +120,8 @@ def finetune_config() -> ml_collections.ConfigDict:
       warmup_steps=0, grad_clip=1.0))
   config.batch_size = 128
   config.eval_batch_size = 1000
-  config.overwrite = False
+  config.checkpoint = checkpoint_config()
+  config.overwrite = False  # replace an earlier run (kept as WORKDIR.previous-* once the new one is complete)
   return config
 
 
@@ -217,9 +229,9 @@ def fed_config() -> ml_collections.ConfigDict:
   config.eval_every = 1  # rounds between test evaluations of the global model (and the last round)
   config.eval_batch_size = 1000
   config.client_eval = True  # also the test set reweighted to each client's label mix (local accuracy)
-  config.checkpoint_every = 10  # rounds between orbax checkpoints (and the last round); resume is exact
+  config.checkpoint = checkpoint_config()
   config.final_rounds = 5  # reported accuracy = mean over the last this many evaluations (as the authors)
-  config.overwrite = False  # allow replacing results.json (and continuing a finished run to more rounds)
+  config.overwrite = False  # replace an earlier run (kept as WORKDIR.previous-* once the new one is complete)
   return config
 
 
@@ -232,6 +244,5 @@ def apply_fed_preset(config: ml_collections.ConfigDict, arg: str | None) -> ml_c
     config.partition.num_clients = 4
     config.num_rounds = 2
     config.batch_size = 32
-    config.checkpoint_every = 1
     config.final_rounds = 2
   return config

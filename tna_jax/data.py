@@ -245,7 +245,20 @@ def _make_dataset(
     test_labels: np.ndarray,
     num_classes: int,
 ) -> Dataset:
-  """Fixes dtypes and computes the train statistics in one place for every source."""
+  """Fixes dtypes, checks the labels and computes the train statistics in one place for
+  every source. A label outside [0, num_classes) would make the loss NaN without a word
+  (the one-hot of an out-of-range class is all zeros), so it is an error here.
+
+  Raises:
+    DataNotFoundError: naming the split, the first bad label and its index.
+  """
+  for split, labels in (("train", train_labels), ("test", test_labels)):
+    labels = np.asarray(labels)
+    bad = np.flatnonzero((labels < 0) | (labels >= num_classes))
+    if len(bad):
+      raise DataNotFoundError(f"dataset {name}: {split} label {labels[bad[0]]} at index {bad[0]} is outside "
+                              f"[0, {num_classes}) ({len(bad)} such labels); the data files are damaged or "
+                              "not this dataset's.")
   train_images = np.asarray(train_images, np.uint8)
   mean, std = _channel_stats(train_images)
   return Dataset(

@@ -7,7 +7,10 @@ allowed.
 
 
 class TnaError(Exception):
-  """Base class of errors caused by the user's input rather than by a bug."""
+  """Base class of errors caused by the user's input or the run's own course (a diverged
+  loss, a corrupt checkpoint) rather than by a bug; `exit_code` is what `main` exits with."""
+
+  exit_code = 2
 
 
 class ConfigError(TnaError, ValueError):

@@ -113,8 +113,13 @@ def barriers(alphas: np.ndarray, loss: np.ndarray, accuracy: np.ndarray) -> dict
   accuracy_barrier_rel: the paper's relative form, that drop divided by the line's
     accuracy at the arg-max.
   Endpoints are taken as the first and last entries, so `alphas` must run from 0 to 1.
+  A curve with a non-finite point (a diverged model) has no barrier: every value is NaN,
+  never a number that could pass for perfect connectivity.
   """
   alphas, loss, accuracy = (np.asarray(v, np.float64) for v in (alphas, loss, accuracy))
+  if not (np.all(np.isfinite(loss)) and np.all(np.isfinite(accuracy))):
+    return dict.fromkeys(("loss_barrier", "accuracy_barrier_pp", "accuracy_barrier_rel", "loss_barrier_alpha",
+                          "accuracy_barrier_alpha"), float("nan"))
   line_loss = (1 - alphas) * loss[0] + alphas * loss[-1]
   line_acc = (1 - alphas) * accuracy[0] + alphas * accuracy[-1]
   drop = line_acc - accuracy

@@ -4,12 +4,15 @@
   python -m tna_jax.main --config=configs/fmnist_mlp.py:quick --config.num_epochs=2
   python -m tna_jax.main --config=configs/resnet20.py --dry_run   # the plan, no training
 
-Errors in the user's input (config values, missing data) end the run with one message and
-exit code 2, before anything is written.
+Errors in the user's input (flags, config keys and values, missing data, a busy or
+finished workdir) end the run with one line on stderr and exit code 2, before anything is
+written; a run that fails on its own (a diverged loss) exits with 3. Killed or preempted,
+the same command resumes the run from its last checkpoint (`tna_jax.runtime`).
 """
 
 import contextlib
 import os
+import re
 import sys
 
 from absl import app, flags, logging
@@ -29,11 +32,55 @@ _DISTRIBUTED = flags.DEFINE_enum("distributed", "auto", sharding.DISTRIBUTED_MOD
                                  "config's `distributed`, $TNA_DISTRIBUTED or a Slurm/TPU-pod/MPI environment asks.")
 
 
+def fail(message: str, exit_code: int = 2) -> None:
+  """Ends the program with `message` as one line on stderr."""
+  print(f"error: {message}", file=sys.stderr)
+  sys.exit(exit_code)
+
+
+def one_line(error: BaseException) -> str:
+  """An exception's message on one line: for a message that embeds a traceback (config
+  files that raise while loading), its last line without the module path of the type."""
+  text = str(error).strip()
+  if "Traceback" in text:
+    text = [line for line in text.splitlines() if line.strip()][-1].strip()
+    text = re.sub(r"^[\w.]+(Error|Exception): ", "", text)
+  return " ".join(text.replace("\\n", " ").split()).strip("'\"")
+
+
+def parse_flags(argv: list[str]) -> list[str]:
+  """absl's flag parsing, with a mistake in a flag or the config file as one line, exit 2."""
+  try:
+    return flags.FLAGS(argv)
+  except (flags.Error, AttributeError, KeyError, OSError, ValueError, TypeError) as e:
+    fail(config_mistake(e))
+
+
+def load_config():
+  """The config with its --config.KEY=VALUE overrides (some applied lazily by ml_collections)."""
+  try:
+    config = _CONFIG.value
+    config.get("experiment")  # a config file that failed to load raises on first use
+    return config
+  except (AttributeError, KeyError, OSError, ValueError, TypeError) as e:
+    fail(config_mistake(e))
+
+
+def config_mistake(error: BaseException) -> str:
+  """What went wrong with the flags or the config file, in one line."""
+  if isinstance(error, (AttributeError, KeyError)):  # an override names a key the config lacks
+    return f"unknown config key {one_line(error)}".replace("\\'", "'")
+  if isinstance(error, OSError):  # config_flags wraps a missing file in a long report
+    missing = re.search(r"No such file or directory: '([^']*)'", str(error))
+    return f"config file {missing.group(1)!r} does not exist" if missing else one_line(error)
+  return one_line(error)
+
+
 def main(argv) -> None:
   del argv
   if not flags.FLAGS["verbosity"].present:  # orbax/absl INFO lines would interleave with the progress bars
     logging.set_verbosity(logging.WARNING)
-  config = _CONFIG.value
+  config = load_config()
   logging.info("Config:\n%s", config)
   try:
     if _DRY_RUN.value:
@@ -48,8 +95,7 @@ def main(argv) -> None:
         stack.enter_context(contextlib.redirect_stdout(stack.enter_context(open(os.devnull, "w"))))
       experiments.get_experiment(config.experiment)(config, _WORKDIR.value)
   except TnaError as e:
-    print(f"error: {e}", file=sys.stderr)
-    sys.exit(2)
+    fail(one_line(e), e.exit_code)
 
 
 def print_plan(config) -> None:
@@ -62,4 +108,4 @@ def print_plan(config) -> None:
 
 
 if __name__ == "__main__":
-  app.run(main)
+  app.run(main, flags_parser=parse_flags)

@@ -17,8 +17,9 @@ that is missing or has another shape instead of failing later inside `apply`.
 """
 
 import dataclasses
-import os
+import io
 import re
+import zipfile
 from typing import Any
 
 from absl import logging
@@ -27,7 +28,7 @@ import jax.numpy as jnp
 import ml_collections
 import numpy as np
 
-from tna_jax import checkpoints, data, masks, models, optim, train, tree_utils
+from tna_jax import checkpoints, data, files, masks, models, optim, runtime, train, tree_utils
 from tna_jax.errors import ConfigError, DataNotFoundError, check_choice
 
 PyTree = Any
@@ -97,12 +98,28 @@ def train_range(dataset: data.Dataset, start: int, count: int, what: str) -> dat
 # ----------------------------------------------------------------------------- sources
 
 
-def load_base(config: ml_collections.ConfigDict, model, dataset: data.Dataset, workdir: str) -> dict:
-  """The variables every fine-tuned model starts from: body from `config.base.source`,
-  everything matching `config.base.reinit` (the head) from seed `config.init_seed`.
+def load_source(config: ml_collections.ConfigDict) -> PyTree | None:
+  """The base's body from `config.base.path` (source orbax or big_vision_npz), read and
+  verified before the run takes its workdir, so a missing or corrupt file is an input
+  error that leaves nothing behind; None for the sources made here (init, pretrain)."""
+  source = config.base.source
+  check_choice("base.source", source, BASE_SOURCES)
+  if source == "orbax":
+    return load_orbax(config.base.path)
+  if source == "big_vision_npz":
+    return {"params": load_big_vision_npz(config.base.path)}
+  return None
 
-  `dataset` is what `pretrain` trains on (see `pretrain`); the pretrained variables are
-  saved to `workdir/checkpoints/pretrained`, so later runs can use source='orbax'.
+
+def load_base(config: ml_collections.ConfigDict, model, dataset: data.Dataset, body: PyTree | None = None,
+              run: runtime.Run | None = None) -> dict:
+  """The variables every fine-tuned model starts from: the body (`load_source`'s, or
+  pretrained here), everything matching `config.base.reinit` (the head) from seed
+  `config.init_seed`.
+
+  `dataset` is what `pretrain` trains on (see `pretrain`); pretraining is a resumable
+  phase of `run`, and the pretrained variables are saved as its checkpoint
+  `checkpoints/pretrained`, so later runs can use source='orbax'.
   """
   source = config.base.source
   check_choice("base.source", source, BASE_SOURCES)
@@ -110,20 +127,21 @@ def load_base(config: ml_collections.ConfigDict, model, dataset: data.Dataset, w
   if source == "init":
     return variables
   if source == "pretrain":
-    loaded = pretrain(config, dataset)
-    checkpoints.save(os.path.join(workdir, "checkpoints", "pretrained"), loaded)
-  elif source == "orbax":
-    loaded = load_orbax(config.base.path)
-  else:
-    loaded = {"params": load_big_vision_npz(config.base.path)}
-  params = graft(variables["params"], loaded.get("params", loaded), config.base.reinit)
+    if run is None:
+      raise ValueError("base.source='pretrain' trains inside a run: pass `run`")
+    body = pretrain(config, dataset, run)
+    run.save("pretrained", body)
+  elif body is None:
+    body = load_source(config)
+  params = graft(variables["params"], body.get("params", body), config.base.reinit)
   return {**variables, "params": params}
 
 
-def pretrain(config: ml_collections.ConfigDict, dataset: data.Dataset) -> dict:
+def pretrain(config: ml_collections.ConfigDict, dataset: data.Dataset, run: runtime.Run) -> dict:
   """This library's pretraining step: one model trained with `train.fit` from seed
   `config.init_seed` on the relabeling `config.pretrain.classes` of training examples
-  [pretrain.start, pretrain.start + pretrain.num_train) of `dataset`.
+  [pretrain.start, pretrain.start + pretrain.num_train) of `dataset`, as the resumable
+  phase 'pretrain' of `run`.
 
   The model is `config.model` with as many classes as the pretraining task; only its
   body carries over (the head is re-initialized by `graft`).
@@ -141,19 +159,26 @@ def pretrain(config: ml_collections.ConfigDict, dataset: data.Dataset) -> dict:
   state = train.stack([train.init_train_state(tx, variables, masks.no_mask(variables["params"]))])
   logging.info("Pretraining on %d examples, %d classes, %d epochs", len(task.train_labels), task.num_classes,
                cfg.num_epochs)
+  phase = run.phase("pretrain", total=cfg.num_epochs, unit="epoch", names=["pretrained"])
+  state, history = phase.restore(state)
   state, history = train.fit(model, tx, state, [cfg.data_seed], task, num_epochs=cfg.num_epochs,
-                             batch_size=cfg.batch_size, eval_batch_size=config.eval_batch_size)
+                             batch_size=cfg.batch_size, eval_batch_size=config.eval_batch_size,
+                             on_epoch=phase.record, history=history)
   print(f"pretrained on {len(task.train_labels)} examples of {task.num_classes} classes: test accuracy "
         f"{100 * history[-1]['test_accuracy'][0]:.2f}% on those classes")
   return train.unstack(state.variables, 0)
 
 
 def load_orbax(path: str) -> PyTree:
-  """A checkpoint written by `checkpoints.save` (variables or bare params), as numpy."""
-  if not path or not os.path.isdir(path):
+  """A checkpoint written by `checkpoints.save` (variables or bare params), as numpy and
+  verified against its checksums."""
+  if not path or not files.path(path).is_dir():
     raise DataNotFoundError(f"base.path={path!r} is not an orbax checkpoint directory; pass the directory a run "
                             "wrote, e.g. WORKDIR/checkpoints/pretrained.")
-  return checkpoints.restore(path)
+  try:
+    return checkpoints.restore(path)
+  except checkpoints.CheckpointError as e:
+    raise DataNotFoundError(f"base.path={path!r}: {e}") from None
 
 
 def graft(init_params: PyTree, source_params: PyTree, reinit: str = "^head/") -> PyTree:
@@ -219,12 +244,16 @@ def load_big_vision_npz(path: str) -> dict:
   `MultiHeadDotProductAttention_1`, position embeddings inside `Transformer` or
   `posembed_input`, and the class token's position embedding folded into `cls`).
   """
-  if not os.path.isfile(path):
+  if not path or not files.path(path).is_file():
     raise DataNotFoundError(f"base.path={path!r} is not a file; pass a big_vision ViT .npz checkpoint.")
   import flax.traverse_util  # pylint: disable=g-import-not-at-top
   from flax.training import checkpoints as flax_checkpoints  # pylint: disable=g-import-not-at-top
-  with np.load(path, allow_pickle=False) as npz:
-    flat = {tuple(key.split("/")): _recover_dtype(npz[key]) for key in npz.files}
+  try:
+    with np.load(io.BytesIO(files.path(path).read_bytes()), allow_pickle=False) as npz:
+      flat = {tuple(key.split("/")): _recover_dtype(npz[key]) for key in npz.files}
+  except (ValueError, OSError, EOFError, zipfile.BadZipFile) as e:
+    raise DataNotFoundError(f"base.path={path!r} is not a readable .npz file ({type(e).__name__}: {e}); pass an "
+                            "intact big_vision ViT checkpoint.") from None
   tree = flax.traverse_util.unflatten_dict(flat)
   if "params" in tree:
     tree = tree["params"]
@@ -237,9 +266,9 @@ def load_big_vision_npz(path: str) -> dict:
 def save_big_vision_npz(path: str, params: PyTree) -> None:
   """Writes params as big_vision does: one array per '/'-joined path, in one .npz."""
   flat = {tree_utils.path_str(p): np.asarray(v) for p, v in jax.tree_util.tree_leaves_with_path(params)}
-  tmp = path + ".tmp.npz"
-  np.savez(tmp, **flat)
-  os.replace(tmp, path)
+  buffer = io.BytesIO()
+  np.savez(buffer, **flat)
+  files.write_bytes(path, buffer.getvalue())
 
 
 def _recover_dtype(array: np.ndarray) -> np.ndarray:

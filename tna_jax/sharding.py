@@ -178,3 +178,9 @@ def replicate(tree: PyTree, mesh: Mesh) -> PyTree:
   """`tree` copied onto every device of the mesh (one all-gather), readable by any process."""
   return jax.jit(lambda t: t, out_shardings=named(mesh))(tree)
 
+
+
+def barrier(name: str) -> None:
+  """Waits until every process reaches `name` (a no-op in a single-process run)."""
+  if jax.process_count() > 1:
+    multihost_utils.sync_global_devices(name)

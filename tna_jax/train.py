@@ -23,6 +23,7 @@ import numpy as np
 import optax
 
 from tna_jax import conv_layout, data, sharding, stacking
+from tna_jax.errors import ConfigError
 
 PyTree = Any
 
@@ -157,9 +158,16 @@ def make_train_epochs(model, tx: optax.GradientTransformationExtraArgs, mesh: ja
   return train_epochs
 
 
+def check_batch_size(batch_size: int, num_examples: int, what: str = "training examples") -> None:
+  """Raises ConfigError unless at least one whole batch fits in `num_examples`."""
+  if not 1 <= batch_size <= num_examples:
+    raise ConfigError(f"batch_size={batch_size} is out of range; allowed: 1 to the {num_examples} {what}.")
+
+
 def fit(model, tx: optax.GradientTransformationExtraArgs, states: TrainState, data_seeds: list[int],
         dataset: "data.Dataset", *, num_epochs: int, batch_size: int, eval_batch_size: int, flip: bool = False,
-        crop_padding: int = 0, on_epoch: Callable[[dict], None] | None = None, progress: bool = True,
+        crop_padding: int = 0, on_epoch: Callable[[dict, TrainState], None] | None = None,
+        history: list[dict] | None = None, progress: bool = True,
         mesh: jax.sharding.Mesh | None = None) -> tuple[TrainState, list[dict]]:
   """Trains the K stacked `states` for `num_epochs`; model k sees data order `data_seeds[k]`.
 
@@ -168,14 +176,16 @@ def fit(model, tx: optax.GradientTransformationExtraArgs, states: TrainState, da
   spreads the models over its 'models' axis and each batch over 'data'; the result does
   not depend on it beyond float rounding. Returns the trained states, replicated on every
   device so that any process can read, evaluate and save them, and one metrics record per
-  epoch, each value a list over the K models; `on_epoch` sees each record as it is made.
+  epoch, each value a list over the K models. `on_epoch(record, states)` sees each record
+  and the states after it (to checkpoint them). A resumed run passes the `history` of the
+  epochs already done with the states after them: training continues at epoch
+  `len(history)` exactly as if it had never stopped (epoch keys derive from the epoch).
   """
   from tqdm import tqdm  # pylint: disable=g-import-not-at-top
   from tna_jax import evaluate  # pylint: disable=g-import-not-at-top
 
   num_train = len(dataset.train_labels)
-  if batch_size > num_train:
-    raise ValueError(f"batch_size={batch_size} exceeds the {num_train} training examples")
+  check_batch_size(batch_size, num_train)
   mesh = mesh or sharding.make_mesh(len(data_seeds), batch_size)
   if batch_size % mesh.shape[sharding.DATA]:
     raise ValueError(f"batch_size={batch_size} must be a multiple of the mesh's data axis "
@@ -196,9 +206,9 @@ def fit(model, tx: optax.GradientTransformationExtraArgs, states: TrainState, da
                                        -(-min(eval_batch_size, len(dataset.test_labels)) // data_devices) * data_devices)
   split = test_batches.labels.shape[1] % data_devices == 0  # a test split smaller than the mesh stays whole
   test_batches = sharding.put(test_batches, sharding.named(mesh, *((None, sharding.DATA) if split else ())))
-  history = []
-  bar = tqdm(range(num_epochs), desc="train", unit="epoch", disable=not (progress and sharding.is_writer()),
-             dynamic_ncols=True)
+  history = list(history or [])
+  bar = tqdm(range(len(history), num_epochs), desc="train", unit="epoch", initial=len(history), total=num_epochs,
+             disable=not (progress and sharding.is_writer()), dynamic_ncols=True)
   for epoch in bar:
     start = time.perf_counter()
     states, train_metrics = train_epochs(states, seeds, epoch, train_images, train_labels)
@@ -210,5 +220,5 @@ def fit(model, tx: optax.GradientTransformationExtraArgs, states: TrainState, da
     history.append(record)
     bar.set_postfix(test_acc=" ".join(f"{a:.3f}" for a in record["test_accuracy"]))
     if on_epoch:
-      on_epoch(record)
+      on_epoch(record, states)
   return sharding.replicate(states, mesh), history

@@ -19,23 +19,22 @@ classes; each task takes its examples from its own stretch of the training split
 dataset='glue', GLUE task names read through TFDS (`text_data`).
 
 Writes to the workdir: results.json, cold.png, metrics.jsonl (per round) and orbax
-checkpoints (base, <variant>_mask, <variant>_round<r> for each fused base).
+checkpoints (base, <variant>_mask, <variant>_round<r> for each fused base). Fusion is a
+resumable phase (`tna_jax.runtime`): a killed run continues after its last finished round
+when the same command runs again.
 """
 
 import dataclasses
-import os
-import time
 from typing import Any, Callable, NamedTuple
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
-from tna_jax import (checkpoints, data, evaluate, metric_writer, models, optim, pretrained, reporting, soup, stacking,
-                     text_data, train, transformers)
+from tna_jax import (data, evaluate, models, optim, pretrained, reporting, runtime, soup, stacking, text_data, train,
+                     transformers)
 from tna_jax.errors import ConfigError, check_choice
 from tna_jax.experiments import soup as soup_experiment
-from tna_jax.experiments.lmc import check_workdir
 
 PyTree = Any
 DATASETS = data.DATASET_NAMES + ("glue",)
@@ -168,8 +167,9 @@ def task_head(model, seed: int, input_shape: tuple[int, ...], num_classes: int) 
 
 
 def cold_fusion(model, tx, base: dict, heads: PyTree, fixed: PyTree, tasks: Tasks, *, rounds: int, epochs: int,
-                batch_size: int, data_seeds: list[int], on_round: Callable[[int, train.TrainState, np.ndarray], None]
-                | None = None, progress: bool = True) -> tuple[np.ndarray, list[dict]]:
+                batch_size: int, data_seeds: list[int], done: tuple[list[dict], list[np.ndarray]] | None = None,
+                on_round: Callable[[int, train.TrainState, dict, list[dict]], None] | None = None,
+                progress: bool = True) -> tuple[np.ndarray, list[dict]]:
   """ColD fusion for V variants at once.
 
   Args:
@@ -184,7 +184,10 @@ def cold_fusion(model, tx, base: dict, heads: PyTree, fixed: PyTree, tasks: Task
     epochs, batch_size: each fine-tuning's length and batch.
     data_seeds: [T]; task t's data order in round r, epoch e is `fold_in(key(seed_t), r * epochs + e)`,
       the same for every variant.
-    on_round: called after each fine-tuning with (round, trained states [V*T], test accuracy [V, T]).
+    done: (bases 0..r, accuracies of rounds 0..r-1) of a resumed run: fusion continues at
+      round r exactly as if it had never stopped.
+    on_round: called after each round with (round, trained states [V*T], metrics {'accuracy':
+      test accuracy [V, T], 'train_loss': last epoch's loss [V*T]}, the bases so far).
 
   Returns:
     Test accuracy [R + 1, V, T] after fine-tuning from base 0..R, and the bases 0..R
@@ -205,27 +208,28 @@ def cold_fusion(model, tx, base: dict, heads: PyTree, fixed: PyTree, tasks: Task
   test, flat_fixed, seeds = tile(tasks.test), repeat(fixed), list(data_seeds) * num_variants
   weights = jnp.asarray(tasks.contributes, jnp.float32)
 
-  bases, accuracy = [base], []
-  bar = tqdm(total=(rounds + 1) * epochs, desc="cold", unit="epoch", disable=not progress, dynamic_ncols=True)
-  for r in range(rounds + 1):
+  bases, accuracy = (list(done[0]), list(done[1])) if done else ([base], [])
+  bar = tqdm(total=(rounds + 1) * epochs, initial=len(accuracy) * epochs, desc="cold", unit="epoch",
+             disable=not progress, dynamic_ncols=True)
+  for r in range(len(accuracy), rounds + 1):
     variables = repeat(bases[-1])
     variables["params"] = {**variables["params"], "head": tile(heads)}
     states = init_states(variables, flat_fixed)
     for e in range(epochs):
-      states, _ = epoch_fn(states, train.epoch_keys(seeds, r * epochs + e), images, labels)
+      states, epoch_metrics = epoch_fn(states, train.epoch_keys(seeds, r * epochs + e), images, labels)
       bar.update()
     acc = np.asarray(soup.evaluate_stack(model, states.variables, test, tasks.mean, tasks.std,
                                          per_model_batches=True)["accuracy"]).reshape(num_variants, num_tasks)
     accuracy.append(acc)
     bar.set_postfix(round=r, acc=" ".join(f"{a:.3f}" for a in acc.mean(axis=1)))
-    if on_round:
-      on_round(r, states, acc)
     if r < rounds:
       trained = by_variant(states.variables)
       params = fuse(trained["params"], bases[-1]["params"], fixed, weights)
       others = {k: jax.vmap(soup.uniform_soup, in_axes=(0, None))(v, weights) for k, v in trained.items()
                 if k != "params"}  # BatchNorm statistics: the contributors' mean
       bases.append({"params": params, **others})
+    if on_round:
+      on_round(r, states, {"accuracy": acc, "train_loss": np.asarray(epoch_metrics["loss"])}, bases)
   bar.close()
   return np.stack(accuracy), bases
 
@@ -234,58 +238,72 @@ def cold_fusion(model, tx, base: dict, heads: PyTree, fixed: PyTree, tasks: Task
 
 
 def run(config, workdir: str) -> dict[str, Any]:
-  """Runs ColD fusion for each variant and writes the results to `workdir`."""
+  """Runs ColD fusion for each variant and writes the results to `workdir`.
+
+  Fusion is the resumable phase 'fusion' (a checkpoint of the bases so far after every
+  `checkpoint.every` rounds); pretraining a base here is the phase 'pretrain'.
+  """
   validate(config)
-  check_workdir(workdir, config.overwrite)
-  contributors, unseen = task_specs(config)
-  if config.dataset == "glue":
-    task_list = glue_tasks(config)
-    source = task_list[0]  # the input shape of `load_base`; glue bases are never pretrained
-  else:
-    source = data.load_dataset(config.dataset, config.data_dir)
-    task_list = image_tasks(config, source)
-  tasks = stack_tasks(task_list, [True] * len(contributors) + [False] * len(unseen), config.eval_batch_size,
-                      config.num_test or None)
-  model = models.get_model(config.model, max(tasks.num_classes))
+  with runtime.Run(config, workdir) as run:
+    contributors, unseen = task_specs(config)
+    if config.dataset == "glue":
+      task_list = glue_tasks(config)
+      source = task_list[0]  # the input shape of `load_base`; glue bases are never pretrained
+    else:
+      source = data.load_dataset(config.dataset, config.data_dir)
+      task_list = image_tasks(config, source)
+    tasks = stack_tasks(task_list, [True] * len(contributors) + [False] * len(unseen), config.eval_batch_size,
+                        config.num_test or None)
+    model = models.get_model(config.model, max(tasks.num_classes))
+    body = pretrained.load_source(config)  # a missing or corrupt checkpoint stops here, before the workdir
 
-  start = time.perf_counter()
-  base = pretrained.load_base(config, model, source, workdir)  # a missing checkpoint stops here, before the workdir
-  base_seconds = time.perf_counter() - start
-  os.makedirs(workdir, exist_ok=True)
-  variants = soup_experiment.variants_of(config)
-  fixed = soup_experiment.starting_masks(config, base["params"])
-  heads = train.stack([task_head(model, config.init_seed + t, source.image_shape, k)
-                       for t, k in enumerate(tasks.num_classes)])
-  steps = config.cold.examples_per_task // config.batch_size
-  tx = optim.make_optimizer(config.optimizer, steps * config.cold.epochs_per_round)
+    run.start()
+    with run.timed("base"):
+      base = pretrained.load_base(config, model, source, body, run)
+    variants = soup_experiment.variants_of(config)
+    fixed = soup_experiment.starting_masks(config, base["params"])
+    heads = train.stack([task_head(model, config.init_seed + t, source.image_shape, k)
+                         for t, k in enumerate(tasks.num_classes)])
+    steps = config.cold.examples_per_task // config.batch_size
+    tx = optim.make_optimizer(config.optimizer, steps * config.cold.epochs_per_round)
+    stacked_base = train.stack([base] * len(variants))
 
-  writer = metric_writer.MetricWriter(workdir, tasks.names)  # per round: each variant's accuracy on every task
-  log = lambda r, states, acc: writer.write(r, {f"accuracy_{v}": acc[i] for i, v in enumerate(variants)})
-  start = time.perf_counter()
-  accuracy, bases = cold_fusion(
-      model, tx, train.stack([base] * len(variants)), heads, train.stack([fixed[v] for v in variants]), tasks,
-      rounds=config.cold.rounds, epochs=config.cold.epochs_per_round, batch_size=config.batch_size,
-      data_seeds=[config.data_seed + t for t in range(len(tasks.names))], on_round=log)
-  fusion_seconds = time.perf_counter() - start
-  writer.close()
+    # Each round is a step of the phase: its checkpoint holds the bases fused so far.
+    phase = run.phase("fusion", total=config.cold.rounds + 1, unit="round", names=tasks.names)
+    like = lambda meta: {"bases": train.stack([stacked_base] * min(len(meta["history"]) + 1, config.cold.rounds + 1))}
+    saved, history = phase.restore({"bases": train.stack([stacked_base])}, like)
+    done = None
+    if history:
+      done = ([train.unstack(saved["bases"], i) for i in range(len(jax.tree.leaves(saved["bases"])[0]))],
+              [np.asarray([h[f"accuracy_{v}"] for v in variants], np.float32) for h in history])
 
-  results = {
-      "config": config.to_dict(),
-      "tasks": [{"name": n, "role": "contributor" if c else "unseen", "num_classes": k,
-                 "num_train": int(tasks.train_labels.shape[1]), "num_test": s}
-                for n, c, k, s in zip(tasks.names, tasks.contributes, tasks.num_classes, tasks.test_sizes)],
-      "accuracy": {v: {n: accuracy[:, i, t].tolist() for t, n in enumerate(tasks.names)}
-                   for i, v in enumerate(variants)},
-      "seconds": {"base": base_seconds, "fusion": fusion_seconds},
-  }
-  rows = table_rows(results, accuracy, tasks, variants)
-  results["summary"] = rows
-  write_outputs(workdir, config, results, bases, fixed, variants)
-  print(f"\nColD fusion: test accuracy % after fine-tuning each task from the base fused r times (r=0: the "
-        f"original base); {config.model.name} on {config.dataset}, base {base_seconds:.0f}s, "
-        f"fusion {fusion_seconds:.0f}s:")
-  print(reporting.format_table(rows, table_columns(config.cold.rounds)))
-  print(f"\nResults, cold.png and checkpoints in {workdir}")
+    def record(r, states, metrics, bases):
+      del states
+      phase.record({"round": r, **{f"accuracy_{v}": metrics["accuracy"][i] for i, v in enumerate(variants)},
+                    "train_loss": metrics["train_loss"]}, {"bases": train.stack(bases)})
+
+    with run.timed("fusion"):
+      accuracy, bases = cold_fusion(
+          model, tx, stacked_base, heads, train.stack([fixed[v] for v in variants]), tasks,
+          rounds=config.cold.rounds, epochs=config.cold.epochs_per_round, batch_size=config.batch_size,
+          data_seeds=[config.data_seed + t for t in range(len(tasks.names))], done=done, on_round=record)
+
+    results = {
+        "config": config.to_dict(),
+        "tasks": [{"name": n, "role": "contributor" if c else "unseen", "num_classes": k,
+                   "num_train": int(tasks.train_labels.shape[1]), "num_test": s}
+                  for n, c, k, s in zip(tasks.names, tasks.contributes, tasks.num_classes, tasks.test_sizes)],
+        "accuracy": {v: {n: accuracy[:, i, t].tolist() for t, n in enumerate(tasks.names)}
+                     for i, v in enumerate(variants)},
+        "seconds": dict(run.seconds),
+    }
+    rows = table_rows(results, accuracy, tasks, variants)
+    results["summary"] = rows
+    write_outputs(run, config, results, bases, fixed, variants)
+    run.finish(results, f"\nColD fusion: test accuracy % after fine-tuning each task from the base fused r times "
+               f"(r=0: the original base); {config.model.name} on {config.dataset}, base {run.seconds['base']:.0f}s, "
+               f"fusion {run.seconds['fusion']:.0f}s:\n" +
+               reporting.format_table(rows, table_columns(config.cold.rounds)))
   return results
 
 
@@ -308,22 +326,21 @@ def table_rows(results: dict, accuracy: np.ndarray, tasks: Tasks, variants: list
   return rows
 
 
-def write_outputs(workdir: str, config, results: dict, bases: list[dict], fixed: dict, variants: list[str]) -> None:
-  """Checkpoints (original base, masks, fused bases), cold.png and results.json (last)."""
-  ckpt_dir = os.path.join(workdir, "checkpoints")
-  checkpoints.save(os.path.join(ckpt_dir, "base"), train.unstack(bases[0], 0))
+def write_outputs(run: runtime.Run, config, results: dict, bases: list[dict], fixed: dict,
+                  variants: list[str]) -> None:
+  """Checkpoints (original base, masks, fused bases) and cold.png; results.json comes last,
+  from `Run.finish`."""
+  run.save("base", train.unstack(bases[0], 0))
   for i, variant in enumerate(variants):
-    checkpoints.save(os.path.join(ckpt_dir, f"{variant}_mask"), fixed[variant])
+    run.save(f"{variant}_mask", fixed[variant])
     for r, base in enumerate(bases[1:], start=1):
-      checkpoints.save(os.path.join(ckpt_dir, f"{variant}_round{r}"), train.unstack(base, i))
-  plot_rounds(os.path.join(workdir, "cold.png"), results,
-              f"ColD fusion: {config.model.name} on {config.dataset}")
-  reporting.write_json(os.path.join(workdir, "results.json"), results)
+      run.save(f"{variant}_round{r}", train.unstack(base, i))
+  plot_rounds(run.path("cold.png"), results, f"ColD fusion: {config.model.name} on {config.dataset}")
 
 
-def plot_rounds(path: str, results: dict, title: str) -> None:
+def plot_rounds(path, results: dict, title: str) -> None:
   """Each task's test accuracy against the round, one line per variant."""
-  plt = soup_experiment.pyplot()
+  plt = reporting.pyplot()
   names = [t["name"] for t in results["tasks"]]
   cols = min(3, len(names))
   rows = -(-len(names) // cols)
@@ -339,4 +356,4 @@ def plot_rounds(path: str, results: dict, title: str) -> None:
   for ax in list(axes.flat)[len(names):]:
     ax.axis("off")
   fig.suptitle(title)
-  soup_experiment.save_figure(fig, path)
+  reporting.write_png(fig, path)

@@ -7,17 +7,13 @@ after every `eval_every` rounds: on the test set, and on the test set reweighted
 client's label mix (its local accuracy).
 
 Writes to the workdir: config.json, label_distribution.png, metrics.jsonl and tensorboard/
-(per round), checkpoints/<algorithm>/round_<r> (orbax, every `checkpoint_every` rounds) with
-history_<r>.json beside it, and at the end results.json and accuracy.png. An interrupted
-run started again with the same command resumes each algorithm from its last checkpoint
-and ends with the same parameters as an uninterrupted run; a finished run continues to a
-larger num_rounds with --config.overwrite=True.
+(per round, one TensorBoard run per algorithm), checkpoints/<algorithm>/<round> (orbax,
+every `checkpoint.every` rounds, with the history so far), and at the end results.json and
+accuracy.png. Each algorithm is a resumable phase of the run (`tna_jax.runtime`): an
+interrupted run started again with the same command resumes each algorithm from its last
+checkpoint and ends with the same parameters and results as an uninterrupted run.
 """
 
-import json
-import os
-import re
-import shutil
 import time
 from typing import Any
 
@@ -26,15 +22,12 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from tna_jax import checkpoints, data, evaluate, masks, metric_writer, models, optim, reporting, sharding, stacking
+from tna_jax import data, evaluate, masks, models, optim, reporting, runtime, sharding, stacking, train
 from tna_jax.errors import ConfigError, check_choice
-from tna_jax.experiments.lmc import check_workdir
 from tna_jax.federated import algorithms, client, partition
 
-# Keys that may change between a run and its resumption: they do not change any round.
-RESUMABLE_CHANGES = ("num_rounds", "overwrite", "algorithms", "checkpoint_every", "final_rounds", "eval_batch_size")
-KEEP_CHECKPOINTS = 2
-_CHECKPOINT_RE = re.compile(r"^round_(\d+)$")
+# Keys that may change between a run and its resumption: they change no round of any algorithm.
+RESUMABLE_CHANGES = ("algorithms", "final_rounds", "eval_batch_size")
 
 TABLE_COLUMNS = (
     ("algorithm", "algorithm", "s"),
@@ -76,7 +69,7 @@ def validate(config) -> None:
   for key, value, low in (("partition.num_clients", config.partition.num_clients, 1),
                           ("num_rounds", config.num_rounds, 1), ("local_epochs", config.local_epochs, 1),
                           ("batch_size", config.batch_size, 1), ("eval_every", config.eval_every, 1),
-                          ("checkpoint_every", config.checkpoint_every, 1), ("final_rounds", config.final_rounds, 1),
+                          ("final_rounds", config.final_rounds, 1),
                           ("client_batch", config.client_batch, 0), ("eval_batch_size", config.eval_batch_size, 1)):
     if value < low:
       raise ConfigError(f"{key}={value!r} must be >= {low}.")
@@ -89,76 +82,50 @@ def validate(config) -> None:
                       f"{config.lr_decay_per_round!r} must be > 0.")
 
 
-def prepare_workdir(workdir: str, config) -> None:
-  """Refuses to clobber results; keeps checkpoints only if they come from this very config.
-
-  Checkpoints written under a config that differs in anything but RESUMABLE_CHANGES cannot
-  be continued: that is an error, or with overwrite=True they are discarded.
-  """
-  saved_path = os.path.join(workdir, "config.json")
-  ckpt_dir = os.path.join(workdir, "checkpoints")
-  if os.path.exists(saved_path) and os.path.isdir(ckpt_dir):
-    with open(saved_path) as f:
-      saved = json.load(f)
-    now = json.loads(json.dumps(config.to_dict()))
-    changed = sorted(k for k in set(saved) | set(now) if k not in RESUMABLE_CHANGES and saved.get(k) != now.get(k))
-    if changed and not config.overwrite:
-      raise ConfigError(f"workdir {workdir!r} holds checkpoints of a run whose config differs in {', '.join(changed)}; "
-                        "use a new --workdir, or --config.overwrite=True to discard them.")
-    if changed:
-      shutil.rmtree(ckpt_dir)
-  reporting.write_json(saved_path, config.to_dict())
-
-
 def run(config, workdir: str) -> dict[str, Any]:
   """Runs every algorithm of `config.algorithms` and writes the comparison to `workdir`."""
   validate(config)
-  check_workdir(workdir, config.overwrite)
-  dataset = data.load_dataset(config.dataset, config.data_dir, config.num_train or None, config.num_test or None)
-  parts = partition.partition(dataset.train_labels, config.partition.kind, config.partition.num_clients,
-                              seed=config.partition.seed, alpha=config.partition.alpha,
-                              classes_per_client=config.partition.classes_per_client,
-                              min_client_size=config.partition.min_client_size)
-  counts = partition.label_counts(dataset.train_labels, parts, dataset.num_classes)
-  split = partition.summary(counts)
-  prepare_workdir(workdir, config)
-  if sharding.is_writer():
-    partition.plot_label_distribution(os.path.join(workdir, "label_distribution.png"), counts,
+  with runtime.Run(config, workdir, resumable=RESUMABLE_CHANGES) as run:
+    dataset = data.load_dataset(config.dataset, config.data_dir, config.num_train or None, config.num_test or None)
+    parts = partition.partition(dataset.train_labels, config.partition.kind, config.partition.num_clients,
+                                seed=config.partition.seed, alpha=config.partition.alpha,
+                                classes_per_client=config.partition.classes_per_client,
+                                min_client_size=config.partition.min_client_size)
+    train.check_batch_size(config.batch_size, max(len(p) for p in parts), "examples of the largest client")
+    counts = partition.label_counts(dataset.train_labels, parts, dataset.num_classes)
+    split = partition.summary(counts)
+    model = models.get_model(config.model, dataset.num_classes)
+    variables = models.init_variables(model, jax.random.key(config.init_seed), dataset.image_shape)
+    clients = client.pack(parts)
+    spec = round_spec(config, len(parts))
+    mesh = sharding.make_mesh(spec.client_batch or spec.clients_per_round, config.batch_size)
+    tx = optim.make_optimizer(config.optimizer, config.local_epochs * client.num_steps(clients.max_size,
+                                                                                        config.batch_size))
+    round_fn = algorithms.make_round(model, tx, clients, spec, mean=dataset.mean, std=dataset.std, mesh=mesh)
+    train_set = tuple(sharding.shard_rows(a, mesh) for a in (dataset.train_images, dataset.train_labels))
+    evaluate_fn = make_evaluate(model, dataset, counts, config)
+
+    run.start()
+    partition.plot_label_distribution(run.path("label_distribution.png"), counts,
                                       f"{config.partition.kind} split of {config.dataset} over {len(parts)} clients")
-  print(f"Partition {config.partition.kind}: {len(parts)} clients, sizes {split['size_min']}..{split['size_max']} "
-        f"(mean {split['size_mean']:.0f}), {split['classes_per_client_mean']:.1f} classes per client on average.")
+    print(f"Partition {config.partition.kind}: {len(parts)} clients, sizes {split['size_min']}..{split['size_max']} "
+          f"(mean {split['size_mean']:.0f}), {split['classes_per_client_mean']:.1f} classes per client on average.")
+    summaries, histories = [], {}
+    for algorithm in algorithms_of(config):
+      state = algorithms.init(algorithm, variables, spec.mask, local_epochs=config.local_epochs,
+                              prox_mu=config.prox_mu, server_learning_rate=config.server.learning_rate,
+                              server_momentum=config.server.momentum)
+      phase = run.phase(algorithm.name, total=config.num_rounds, unit="round")
+      with run.timed(algorithm.name):
+        histories[algorithm.name] = train_algorithm(phase, state, round_fn, train_set, evaluate_fn, config)
+      summaries.append(summarize(algorithm.name, histories[algorithm.name], config.final_rounds))
 
-  model = models.get_model(config.model, dataset.num_classes)
-  variables = models.init_variables(model, jax.random.key(config.init_seed), dataset.image_shape)
-  clients = client.pack(parts)
-  spec = round_spec(config, len(parts))
-  mesh = sharding.make_mesh(spec.client_batch or spec.clients_per_round, config.batch_size)
-  tx = optim.make_optimizer(config.optimizer, config.local_epochs * client.num_steps(clients.max_size,
-                                                                                      config.batch_size))
-  round_fn = algorithms.make_round(model, tx, clients, spec, mean=dataset.mean, std=dataset.std, mesh=mesh)
-  train_set = tuple(sharding.shard_rows(a, mesh) for a in (dataset.train_images, dataset.train_labels))
-  evaluate_fn = make_evaluate(model, dataset, counts, config)
-  mask_spec = spec.mask
-
-  writer = metric_writer.MetricWriter(workdir, resume=os.path.isdir(os.path.join(workdir, "checkpoints")))
-  summaries, histories = [], {}
-  for algorithm in algorithms_of(config):
-    state = algorithms.init(algorithm, variables, mask_spec, local_epochs=config.local_epochs,
-                            prox_mu=config.prox_mu, server_learning_rate=config.server.learning_rate,
-                            server_momentum=config.server.momentum)
-    history = train_algorithm(algorithm.name, state, round_fn, train_set, evaluate_fn, config, workdir, writer)
-    histories[algorithm.name] = history
-    summaries.append(summarize(algorithm.name, history, config.final_rounds))
-  writer.close()
-
-  results = {"config": config.to_dict(), "partition": split, "summary": summaries, "history": histories}
-  plot_accuracy(os.path.join(workdir, "accuracy.png"), histories,
-                f"{config.model.name} on {config.dataset}, {config.partition.kind} split, {len(parts)} clients")
-  reporting.write_json(os.path.join(workdir, "results.json"), results)
-  print(f"\nGlobal test accuracy ({config.num_rounds} rounds; final = mean of the last {config.final_rounds} "
-        "evaluations; local = test set reweighted to each client's labels, mean and worst client):")
-  print(reporting.format_table(summaries, TABLE_COLUMNS))
-  print(f"\nResults, plots and checkpoints in {workdir}")
+    results = {"config": config.to_dict(), "partition": split, "summary": summaries, "history": histories}
+    plot_accuracy(run.path("accuracy.png"), histories,
+                  f"{config.model.name} on {config.dataset}, {config.partition.kind} split, {len(parts)} clients")
+    run.finish(results, f"\nGlobal test accuracy ({config.num_rounds} rounds; final = mean of the last "
+               f"{config.final_rounds} evaluations; local = test set reweighted to each client's labels, mean and worst "
+               "client):\n" + reporting.format_table(summaries, TABLE_COLUMNS))
   return results
 
 
@@ -206,18 +173,15 @@ def make_evaluate(model, dataset: data.Dataset, counts: np.ndarray, config):
   return lambda params, batch_stats: evaluate_all(params, batch_stats, batches, weights)
 
 
-def train_algorithm(name: str, state: algorithms.ServerState, round_fn, train_set, evaluate_fn, config, workdir: str,
-                    writer: metric_writer.MetricWriter) -> list[dict]:
-  """Runs one algorithm to config.num_rounds, resuming from its latest checkpoint."""
+def train_algorithm(phase: runtime.Phase, state: algorithms.ServerState, round_fn, train_set, evaluate_fn,
+                    config) -> list[dict]:
+  """Runs one algorithm to config.num_rounds as the resumable `phase`; returns its history."""
   from tqdm import tqdm  # pylint: disable=g-import-not-at-top
 
-  ckpt_dir = os.path.join(workdir, "checkpoints", name)
-  state, history = restore_latest(ckpt_dir, state, config.num_rounds)
-  start = int(state.round)
-  if start:
-    logging.info("%s: resuming after round %d", name, start)
-  bar = tqdm(range(start, config.num_rounds), desc=name, unit="round", initial=start, total=config.num_rounds,
-             dynamic_ncols=True, disable=not sharding.is_writer())
+  state, _ = phase.restore(state)
+  state = jax.tree.map(jnp.asarray, state)
+  bar = tqdm(range(phase.done, config.num_rounds), desc=phase.name, unit="round", initial=phase.done,
+             total=config.num_rounds, dynamic_ncols=True, disable=not sharding.is_writer())
   for r in bar:
     began = time.perf_counter()
     state, client_metrics = round_fn(state, *train_set)
@@ -230,52 +194,8 @@ def train_algorithm(name: str, state: algorithms.ServerState, round_fn, train_se
         record["client_accuracy"] = tested["accuracy"][1:].tolist()
       bar.set_postfix(test_acc=f"{record['test_accuracy']:.4f}")
     record["seconds"] = time.perf_counter() - began
-    history.append(record)
-    writer.write(r + 1, {f"{name}/{k}": v for k, v in record.items() if k not in ("round", "clients", "client_accuracy")})
-    if (r + 1) % config.checkpoint_every == 0 or r + 1 == config.num_rounds:
-      save_checkpoint(ckpt_dir, state, history)
-  return history
-
-
-def save_checkpoint(ckpt_dir: str, state: algorithms.ServerState, history: list[dict]) -> None:
-  """history_<r>.json, then the orbax state round_<r> (which marks the pair complete); keeps the latest few."""
-  r = int(state.round)
-  reporting.write_json(os.path.join(ckpt_dir, f"history_{r}.json"), history)
-  checkpoints.save(os.path.join(ckpt_dir, f"round_{r}"), state)
-  for old in saved_rounds(ckpt_dir)[:-KEEP_CHECKPOINTS]:
-    _remove_round(ckpt_dir, old)
-
-
-def saved_rounds(ckpt_dir: str) -> list[int]:
-  """Rounds with a complete checkpoint, ascending (orbax renames a finished save into place)."""
-  if not os.path.isdir(ckpt_dir):
-    return []
-  rounds = [int(m.group(1)) for m in map(_CHECKPOINT_RE.match, os.listdir(ckpt_dir)) if m]
-  return sorted(r for r in rounds if os.path.exists(os.path.join(ckpt_dir, f"history_{r}.json")))
-
-
-def restore_latest(ckpt_dir: str, fresh: algorithms.ServerState, num_rounds: int):
-  """(state, history) of the latest checkpoint at or before num_rounds, else (fresh, []).
-
-  Checkpoints past num_rounds (from a longer earlier run) are removed, since this run will
-  write its own.
-  """
-  rounds = saved_rounds(ckpt_dir)
-  for later in (r for r in rounds if r > num_rounds):
-    _remove_round(ckpt_dir, later)
-  usable = [r for r in rounds if r <= num_rounds]
-  if not usable:
-    return fresh, []
-  r = usable[-1]
-  state = checkpoints.restore(os.path.join(ckpt_dir, f"round_{r}"), like=fresh)
-  with open(os.path.join(ckpt_dir, f"history_{r}.json")) as f:
-    return jax.tree.map(jnp.asarray, state), json.load(f)
-
-
-def _remove_round(ckpt_dir: str, r: int) -> None:
-  if sharding.is_writer():
-    shutil.rmtree(os.path.join(ckpt_dir, f"round_{r}"), ignore_errors=True)
-    os.remove(os.path.join(ckpt_dir, f"history_{r}.json"))
+    phase.record(record, state)
+  return phase.history
 
 
 def summarize(name: str, history: list[dict], final_rounds: int) -> dict[str, Any]:

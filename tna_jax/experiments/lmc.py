@@ -17,8 +17,6 @@ metrics.jsonl and tensorboard/ (per epoch) and orbax checkpoints (checkpoints/in
 checkpoints/<variant>_<k>, and when aligned <variant>_1_aligned and <variant>_perms).
 """
 
-import os
-import time
 from typing import Any
 
 from absl import logging
@@ -26,8 +24,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from tna_jax import (checkpoints, data, evaluate, lmc, masks, matching, metric_writer, models, optim, permutations,
-                     reporting, sharding, train)
+from tna_jax import (data, evaluate, lmc, masks, matching, models, optim, permutations, reporting, runtime, sharding,
+                     train)
 from tna_jax.errors import ConfigError, check_choice
 
 VARIANTS = ("vanilla", "tna", "pruning")
@@ -59,6 +57,9 @@ def variants_of(config) -> tuple[str, ...]:
     raise ConfigError(f"variants={config.variants!r} names no variant; allowed: {', '.join(VARIANTS)}.")
   for name in names:
     check_choice("variants", name, VARIANTS)
+  if len(set(names)) != len(names):
+    raise ConfigError(f"variants={config.variants!r} names a variant twice; allowed: each of "
+                      f"{', '.join(VARIANTS)} at most once.")
   return names
 
 
@@ -73,7 +74,7 @@ def validate(config) -> None:
       raise ConfigError(f"{key}={value!r} is out of range; allowed: 0 <= {key} < 1.")
   variants_of(config)
   for key, value, low in (("num_models", config.num_models, 2), ("num_epochs", config.num_epochs, 1),
-                          ("batch_size", config.batch_size, 1), ("lmc.num_alphas", config.lmc.num_alphas, 2),
+                          ("batch_size", config.batch_size, 1), ("eval_batch_size", config.eval_batch_size, 1), ("lmc.num_alphas", config.lmc.num_alphas, 2),
                           ("lmc.alpha_chunk", config.lmc.alpha_chunk, 0)):
     if value < low:
       raise ConfigError(f"{key}={value!r} must be >= {low}.")
@@ -95,80 +96,88 @@ def planned_models(config) -> int:
   return config.num_models * len(variants_of(config))
 
 
-def check_workdir(workdir: str, overwrite: bool) -> None:
-  """Refuses to run over an earlier run's results unless asked to."""
-  if os.path.exists(os.path.join(workdir, "results.json")) and not overwrite:
-    raise ConfigError(f"workdir {workdir!r} already holds results.json; use a new --workdir or pass "
-                      "--config.overwrite=True to replace it.")
-
-
 def run(config, workdir: str) -> dict[str, Any]:
-  """Trains the variants, measures their LMC curves and writes everything to `workdir`."""
+  """Trains the variants, measures their LMC curves and writes everything to `workdir`.
+
+  Training is a resumable phase ('train', a checkpoint every `checkpoint.every` epochs);
+  matching and curves are deterministic functions of the trained models, so a resumed run
+  ends with the same results as an uninterrupted one.
+  """
   validate(config)
-  check_workdir(workdir, config.overwrite)
-  dataset = data.load_dataset(config.dataset, config.data_dir, config.num_train or None, config.num_test or None)
-  model = models.get_model(config.model, dataset.num_classes)
-  variables = models.init_variables(model, jax.random.key(config.init_seed), dataset.image_shape)
-  params = variables["params"]
-  mask_args = dict(seed=config.mask.seed, granularity=config.mask.granularity, include=config.mask.include,
-                   exclude=config.mask.exclude)
-  tna_mask = masks.fixed_mask(params, config.mask.fixed_fraction, **mask_args)
-  pruning_mask = masks.fixed_mask(params, config.pruning_fraction, **mask_args)
-  starts = {
-      "vanilla": (variables, masks.no_mask(params)),
-      "tna": (variables, tna_mask),
-      "pruning": ({**variables, "params": masks.prune(params, pruning_mask)}, pruning_mask),
-  }
-  variants = variants_of(config)
-  k = config.num_models
-  logging.info("Model %s: %d parameters; fixed fraction %.3f (tna), %.3f (pruning)", config.model.name,
-               sum(p.size for p in jax.tree.leaves(params)), masks.fraction_fixed(tna_mask),
-               masks.fraction_fixed(pruning_mask))
+  with runtime.Run(config, workdir) as run:
+    dataset = data.load_dataset(config.dataset, config.data_dir, config.num_train or None, config.num_test or None)
+    train.check_batch_size(config.batch_size, len(dataset.train_labels))
+    model = models.get_model(config.model, dataset.num_classes)
+    variables = models.init_variables(model, jax.random.key(config.init_seed), dataset.image_shape)
+    params = variables["params"]
+    mask_args = dict(seed=config.mask.seed, granularity=config.mask.granularity, include=config.mask.include,
+                     exclude=config.mask.exclude)
+    tna_mask = masks.fixed_mask(params, config.mask.fixed_fraction, **mask_args)
+    pruning_mask = masks.fixed_mask(params, config.pruning_fraction, **mask_args)
+    starts = {
+        "vanilla": (variables, masks.no_mask(params)),
+        "tna": (variables, tna_mask),
+        "pruning": ({**variables, "params": masks.prune(params, pruning_mask)}, pruning_mask),
+    }
+    variants = variants_of(config)
+    k = config.num_models
+    logging.info("Model %s: %d parameters; fixed fraction %.3f (tna), %.3f (pruning)", config.model.name,
+                 sum(p.size for p in jax.tree.leaves(params)), masks.fraction_fixed(tna_mask),
+                 masks.fraction_fixed(pruning_mask))
 
-  steps_per_epoch = len(dataset.train_labels) // config.batch_size
-  tx = optim.make_optimizer(config.optimizer, steps_per_epoch * config.num_epochs)
-  names = [f"{v}_{i}" for v in variants for i in range(k)]
-  data_seeds = [config.data_seed + i for _ in variants for i in range(k)]
-  mesh = sharding.make_mesh(len(names), config.batch_size)
-  states = train.create_states(
-      lambda starts: train.stack([train.init_train_state(tx, *starts[v]) for v in variants for _ in range(k)]),
-      mesh, starts)
+    steps_per_epoch = len(dataset.train_labels) // config.batch_size
+    tx = optim.make_optimizer(config.optimizer, steps_per_epoch * config.num_epochs)
+    names = [f"{v}_{i}" for v in variants for i in range(k)]
+    data_seeds = [config.data_seed + i for _ in variants for i in range(k)]
+    mesh = sharding.make_mesh(len(names), config.batch_size)
+    states = train.create_states(
+        lambda starts: train.stack([train.init_train_state(tx, *starts[v]) for v in variants for _ in range(k)]),
+        mesh, starts)
 
-  writer = metric_writer.MetricWriter(workdir, names)
-  start = time.perf_counter()
-  states, history = train.fit(
-      model, tx, states, data_seeds, dataset, num_epochs=config.num_epochs, batch_size=config.batch_size,
-      eval_batch_size=config.eval_batch_size, flip=config.augment.flip, crop_padding=config.augment.crop_padding,
-      on_epoch=lambda record: writer.write(record["epoch"], record), mesh=mesh)
-  train_seconds = time.perf_counter() - start
-  writer.close()
+    run.start()
+    phase = run.phase("train", total=config.num_epochs, unit="epoch", names=names)
+    states, history = phase.restore(states)
+    with run.timed("train"):
+      states, history = train.fit(
+          model, tx, states, data_seeds, dataset, num_epochs=config.num_epochs, batch_size=config.batch_size,
+          eval_batch_size=config.eval_batch_size, flip=config.augment.flip, crop_padding=config.augment.crop_padding,
+          on_epoch=phase.record, history=history, mesh=mesh)
 
-  start = time.perf_counter()
-  aligned = align_pairs(config, model, states, variants, dataset)
-  curves, aligned_curves, rows = measure_curves(config, model, states, variants, dataset, aligned)
-  lmc_seconds = time.perf_counter() - start
+    with run.timed("lmc"):
+      aligned = align_pairs(config, model, states, variants, dataset)
+      curves, aligned_curves, rows = measure_curves(config, model, states, variants, dataset, aligned)
+    check_finite_curves(curves, aligned_curves)
 
-  results = {
-      "config": config.to_dict(),
-      "models": names,
-      "final": {n: {key: history[-1][key][i] for key in ("test_accuracy", "test_loss")} for i, n in enumerate(names)},
-      "alphas": curves.pop("alphas"),
-      "curves": curves,
-      "summary": rows,
-      "train_seconds": train_seconds,
-      "lmc_seconds": lmc_seconds,
-  }
-  if aligned:
-    results["aligned_curves"] = aligned_curves
-    results["alignment"] = {variant: {"method": config.align, **result.summary()}
-                            for variant, (_, result) in aligned.items()}
-  write_outputs(workdir, config, results, variables, tna_mask, states, names, aligned)
-  extras = (f", align={config.align}" if aligned else "") + (", REPAIR" if config.repair else "")
-  print(f"\nLMC between models 0 and 1 of each variant ({config.model.name} on {config.dataset}, "
-        f"{config.num_epochs} epochs{extras}, train {train_seconds:.0f}s, curves {lmc_seconds:.1f}s):")
-  print(reporting.format_table(rows, TABLE_COLUMNS + (ALIGNED_COLUMNS if aligned else ())))
-  print(f"\nResults, curves and checkpoints in {workdir}")
+    results = {
+        "config": config.to_dict(),
+        "models": names,
+        "final": {n: {key: history[-1][key][i] for key in ("test_accuracy", "test_loss")} for i, n in enumerate(names)},
+        "alphas": curves.pop("alphas"),
+        "curves": curves,
+        "summary": rows,
+        "train_seconds": run.seconds["train"],
+        "lmc_seconds": run.seconds["lmc"],
+    }
+    if aligned:
+      results["aligned_curves"] = aligned_curves
+      results["alignment"] = {variant: {"method": config.align, **result.summary()}
+                              for variant, (_, result) in aligned.items()}
+    write_outputs(run, config, results, variables, tna_mask, states, names, aligned)
+    extras = (f", align={config.align}" if aligned else "") + (", REPAIR" if config.repair else "")
+    run.finish(results, f"\nLMC between models 0 and 1 of each variant ({config.model.name} on {config.dataset}, "
+               f"{config.num_epochs} epochs{extras}, train {run.seconds['train']:.0f}s, curves "
+               f"{run.seconds['lmc']:.1f}s):\n" +
+               reporting.format_table(rows, TABLE_COLUMNS + (ALIGNED_COLUMNS if aligned else ())))
   return results
+
+
+def check_finite_curves(*curve_sets: dict) -> None:
+  """A curve with a NaN or infinite point has no barrier: that is an error, never a 0."""
+  for curves in curve_sets:
+    for name, curve in curves.items():
+      if name != "alphas" and not all(np.all(np.isfinite(curve[key])) for key in ("loss", "accuracy")):
+        raise runtime.DivergedError(f"the LMC curve {name!r} has non-finite points (loss {np.asarray(curve['loss'])});"
+                                    " its barriers are undefined, so no results were written.")
 
 
 def training_batches(dataset: data.Dataset, count: int, batch_size: int) -> jax.Array:
@@ -250,21 +259,20 @@ def measure_curves(config, model, states: train.TrainState, variants, dataset: d
   return curves, aligned_curves, rows
 
 
-def write_outputs(workdir: str, config, results: dict, init_variables: dict, mask, states: train.TrainState,
+def write_outputs(run: runtime.Run, config, results: dict, init_variables: dict, mask, states: train.TrainState,
                   names: list[str], aligned: dict[str, tuple[dict, matching.MatchResult]]) -> None:
-  """results.json, the curves' PNGs and orbax checkpoints of init, mask, every model and,
-  when aligned, each variant's aligned model 1 and its permutations."""
-  ckpt_dir = os.path.join(workdir, "checkpoints")
-  checkpoints.save(os.path.join(ckpt_dir, "init"), init_variables)
-  checkpoints.save(os.path.join(ckpt_dir, "mask"), mask)
+  """The curves' PNGs and orbax checkpoints of init, mask, every model and, when aligned,
+  each variant's aligned model 1 and its permutations (results.json comes last, from
+  `Run.finish`)."""
+  run.save("init", init_variables)
+  run.save("mask", mask)
   for i, name in enumerate(names):
-    checkpoints.save(os.path.join(ckpt_dir, name), train.unstack(states.variables, i))
+    run.save(name, train.unstack(states.variables, i))
   for variant, (variables, result) in aligned.items():
-    checkpoints.save(os.path.join(ckpt_dir, f"{variant}_1_aligned"), variables)
-    checkpoints.save(os.path.join(ckpt_dir, f"{variant}_perms"), result.perms)
+    run.save(f"{variant}_1_aligned", variables)
+    run.save(f"{variant}_perms", result.perms)
   title = f"LMC: {config.model.name} on {config.dataset}"
-  reporting.plot_curves(os.path.join(workdir, "lmc_curves.png"), results["alphas"], results["curves"], title)
+  reporting.plot_curves(run.path("lmc_curves.png"), results["alphas"], results["curves"], title)
   if aligned:
-    reporting.plot_curves(os.path.join(workdir, "lmc_curves_aligned.png"), results["alphas"],
-                          results["aligned_curves"], f"{title}, model 1 aligned by {config.align} matching")
-  reporting.write_json(os.path.join(workdir, "results.json"), results)
+    reporting.plot_curves(run.path("lmc_curves_aligned.png"), results["alphas"], results["aligned_curves"],
+                          f"{title}, model 1 aligned by {config.align} matching")

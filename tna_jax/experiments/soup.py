@@ -14,22 +14,21 @@ greedy soup and is what `train.fit` reports per epoch; the test split is only re
 
 Writes to the workdir: results.json, soup.png (held-out vs test accuracy of every model
 and soup), metrics.jsonl and orbax checkpoints (base, mask, <variant>_uniform,
-<variant>_greedy; checkpoints/pretrained when the base was pretrained here).
+<variant>_greedy; checkpoints/pretrained when the base was pretrained here). Pretraining
+and each fine-tuning group are resumable phases (`tna_jax.runtime`): a killed run resumes
+where it stopped when the same command runs again.
 """
 
 import dataclasses
-import os
-import time
 from typing import Any
 
 import jax
 import numpy as np
 import optax
 
-from tna_jax import (checkpoints, data, evaluate, masks, metric_writer, models, optim, pretrained, reporting, soup,
-                     train, transformers)
+from tna_jax import (data, evaluate, masks, models, optim, pretrained, reporting, runtime, soup, train,
+                     transformers)
 from tna_jax.errors import ConfigError, check_choice
-from tna_jax.experiments.lmc import check_workdir
 
 VARIANTS = ("vanilla", "tna")
 AUGMENTATIONS = ("none", "flip", "crop", "flip+crop")
@@ -58,6 +57,9 @@ def parse_list(name: str, spec: str, cast, allowed=None) -> list:
   for value in values:
     if allowed is not None:
       check_choice(name, value, allowed)
+  if allowed is not None and len(set(values)) != len(values):
+    raise ConfigError(f"{name}={spec!r} names a value twice; allowed: each of {', '.join(map(str, allowed))} at most "
+                      "once.")
   return values
 
 
@@ -131,60 +133,59 @@ def starting_masks(config, params) -> dict[str, Any]:
 
 
 def run(config, workdir: str) -> dict[str, Any]:
-  """Fine-tunes the K models of each variant, makes the soups and writes everything."""
+  """Fine-tunes the K models of each variant, makes the soups and writes everything.
+
+  Pretraining (when the base is pretrained here) and each group of fine-tuned models are
+  resumable phases of the run; the soups are deterministic functions of the models.
+  """
   validate(config)
-  check_workdir(workdir, config.overwrite)
-  dataset = data.load_dataset(config.dataset, config.data_dir, None, config.num_test or None)
-  split = config.split
-  finetune_ds = pretrained.train_range(dataset, split.start, split.num_train, "split")
-  heldout = pretrained.train_range(dataset, split.start + split.num_train, split.num_heldout, "split.num_heldout")
-  # train.fit reports its per-epoch "test" metrics on the held-out split: the test split stays unseen.
-  finetune_ds = dataclasses.replace(finetune_ds, test_images=heldout.train_images, test_labels=heldout.train_labels)
+  with runtime.Run(config, workdir) as run:
+    dataset = data.load_dataset(config.dataset, config.data_dir, None, config.num_test or None)
+    split = config.split
+    finetune_ds = pretrained.train_range(dataset, split.start, split.num_train, "split")
+    heldout = pretrained.train_range(dataset, split.start + split.num_train, split.num_heldout, "split.num_heldout")
+    train.check_batch_size(config.batch_size, split.num_train, "fine-tuning examples (split.num_train)")
+    # train.fit reports its per-epoch "test" metrics on the held-out split: the test split stays unseen.
+    finetune_ds = dataclasses.replace(finetune_ds, test_images=heldout.train_images, test_labels=heldout.train_labels)
+    model = models.get_model(config.model, dataset.num_classes)
+    body = pretrained.load_source(config)  # a missing or corrupt checkpoint stops here, before the workdir
 
-  start = time.perf_counter()
-  model = models.get_model(config.model, dataset.num_classes)
-  base = pretrained.load_base(config, model, dataset, workdir)  # a missing checkpoint stops here, before the workdir
-  pretrain_seconds = time.perf_counter() - start
-  os.makedirs(workdir, exist_ok=True)
-  fixed = starting_masks(config, base["params"])
-  variants = variants_of(config)
-  hparams = draw_hyperparameters(config)
+    run.start()
+    with run.timed("base"):
+      base = pretrained.load_base(config, model, dataset, body, run)
+    fixed = starting_masks(config, base["params"])
+    variants = variants_of(config)
+    hparams = draw_hyperparameters(config)
+    with run.timed("finetune"):
+      stacked = finetune(run, config, model, base, fixed, variants, hparams, finetune_ds)
+    with run.timed("soups"):
+      batches = {"heldout": evaluate.make_batches(heldout.train_images, heldout.train_labels, config.eval_batch_size),
+                 "test": evaluate.make_batches(dataset.test_images, dataset.test_labels, config.eval_batch_size)}
+      results = {"config": config.to_dict(), "hyperparameters": hparams,
+                 "variants": {v: make_soups(model, stacked[v], batches, dataset) for v in variants}}
+    results["seconds"] = dict(run.seconds)
 
-  start = time.perf_counter()
-  stacked = finetune(config, model, base, fixed, variants, hparams, finetune_ds, workdir)
-  train_seconds = time.perf_counter() - start
-
-  start = time.perf_counter()
-  batches = {"heldout": evaluate.make_batches(heldout.train_images, heldout.train_labels, config.eval_batch_size),
-             "test": evaluate.make_batches(dataset.test_images, dataset.test_labels, config.eval_batch_size)}
-  results = {"config": config.to_dict(), "hyperparameters": hparams,
-             "variants": {v: make_soups(model, stacked[v], batches, dataset) for v in variants}}
-  soup_seconds = time.perf_counter() - start
-  results["seconds"] = {"base": pretrain_seconds, "finetune": train_seconds, "soups": soup_seconds}
-
-  rows = summary_rows(results["variants"])
-  write_outputs(workdir, config, results, base, fixed, stacked)
-  print(f"\nPer model (held-out / test accuracy %, {config.model.name} on {config.dataset}):")
-  print(reporting.format_table(model_rows(results), model_columns(variants)))
-  print(f"\nModel soups of {config.soup.num_models} fine-tuned models (base {pretrain_seconds:.0f}s, "
-        f"fine-tuning {train_seconds:.0f}s, soups {soup_seconds:.1f}s):")
-  print(reporting.format_table(rows, SUMMARY_COLUMNS))
-  print(f"\nResults, soup.png and checkpoints in {workdir}")
+    rows = summary_rows(results["variants"])
+    write_outputs(run, config, results, base, fixed, stacked)
+    seconds = run.seconds
+    run.finish(results, f"\nPer model (held-out / test accuracy %, {config.model.name} on {config.dataset}):\n" +
+               reporting.format_table(model_rows(results), model_columns(variants)) +
+               f"\n\nModel soups of {config.soup.num_models} fine-tuned models (base {seconds['base']:.0f}s, "
+               f"fine-tuning {seconds['finetune']:.0f}s, soups {seconds['soups']:.1f}s):\n" +
+               reporting.format_table(rows, SUMMARY_COLUMNS))
   return results
 
 
-def finetune(config, model, base: dict, fixed: dict, variants: list[str], hparams: list[dict],
-             dataset: data.Dataset, workdir: str) -> dict[str, train.TrainState]:
-  """Trains every (variant, model) pair; one `train.fit` per augmentation setting.
+def finetune(run: runtime.Run, config, model, base: dict, fixed: dict, variants: list[str], hparams: list[dict],
+             dataset: data.Dataset) -> dict[str, train.TrainState]:
+  """Trains every (variant, model) pair; one `train.fit` per augmentation setting, each a
+  resumable phase `finetune_<augment>` of `run`.
 
   Returns each variant's K trained states stacked in model order.
   """
   steps_per_epoch = len(dataset.train_labels) // config.batch_size
-  if steps_per_epoch < 1:
-    raise ConfigError(f"split.num_train={len(dataset.train_labels)} is smaller than batch_size={config.batch_size}.")
   max_epochs = max(h["epochs"] for h in hparams)
   tx = optax.chain(optim.make_optimizer(config.optimizer, steps_per_epoch * max_epochs), soup.per_model_run())
-  writer = metric_writer.MetricWriter(workdir)
   trained = {}
   for augment in sorted({h["augment"] for h in hparams}):
     members = [(v, k) for v in variants for k, h in enumerate(hparams) if h["augment"] == augment]
@@ -192,17 +193,18 @@ def finetune(config, model, base: dict, fixed: dict, variants: list[str], hparam
         soup.set_run(train.init_train_state(tx, base, fixed[v]), hparams[k]["lr_factor"],
                      hparams[k]["epochs"] * steps_per_epoch) for v, k in members])
     names = [f"{v}_{k}" for v, k in members]
+    num_epochs = max(hparams[k]["epochs"] for _, k in members)
+    phase = run.phase(f"finetune_{augment}", total=num_epochs, unit="epoch", names=names)
+    states, history = phase.restore(states)
     print(f"fine-tuning {', '.join(names)} (augment {augment}) in one program; per-epoch accuracy is held-out")
     states, _ = train.fit(
-        model, tx, states, [hparams[k]["data_seed"] for _, k in members], dataset,
-        num_epochs=max(hparams[k]["epochs"] for _, k in members), batch_size=config.batch_size,
-        eval_batch_size=config.eval_batch_size, flip="flip" in augment,
-        crop_padding=config.soup.crop_padding if "crop" in augment else 0,
-        on_epoch=lambda record, names=names: writer.write(
-            record["epoch"], {key.replace("test_", "heldout_"): value for key, value in record.items()}, names))
+        model, tx, states, [hparams[k]["data_seed"] for _, k in members], dataset, num_epochs=num_epochs,
+        batch_size=config.batch_size, eval_batch_size=config.eval_batch_size, flip="flip" in augment,
+        crop_padding=config.soup.crop_padding if "crop" in augment else 0, history=history,
+        on_epoch=lambda record, states, phase=phase: phase.record(
+            {key.replace("test_", "heldout_"): value for key, value in record.items()}, states))
     for i, member in enumerate(members):
       trained[member] = train.unstack(states, i)
-  writer.close()
   return {v: train.stack([trained[(v, k)] for k in range(len(hparams))]) for v in variants}
 
 
@@ -268,24 +270,23 @@ def model_rows(results: dict) -> list[dict]:
   return rows
 
 
-def write_outputs(workdir: str, config, results: dict, base: dict, fixed: dict, stacked: dict) -> None:
-  """Checkpoints (base, masks, every model, the soups), soup.png and results.json (last)."""
-  ckpt_dir = os.path.join(workdir, "checkpoints")
-  checkpoints.save(os.path.join(ckpt_dir, "base"), base)
+def write_outputs(run: runtime.Run, config, results: dict, base: dict, fixed: dict, stacked: dict) -> None:
+  """Checkpoints (base, masks, every model, the soups) and soup.png; results.json comes
+  last, from `Run.finish`."""
+  run.save("base", base)
   for variant, r in results["variants"].items():
-    checkpoints.save(os.path.join(ckpt_dir, f"{variant}_mask"), fixed[variant])
+    run.save(f"{variant}_mask", fixed[variant])
     for k in range(config.soup.num_models):
-      checkpoints.save(os.path.join(ckpt_dir, f"{variant}_{k}"), train.unstack(stacked[variant].variables, k))
+      run.save(f"{variant}_{k}", train.unstack(stacked[variant].variables, k))
     for name, variables in r.pop("soups").items():
-      checkpoints.save(os.path.join(ckpt_dir, f"{variant}_{name}"), variables)
-  plot_soups(os.path.join(workdir, "soup.png"), results["variants"],
+      run.save(f"{variant}_{name}", variables)
+  plot_soups(run.path("soup.png"), results["variants"],
              f"Model soups: {config.soup.num_models} x {config.model.name} on {config.dataset}")
-  reporting.write_json(os.path.join(workdir, "results.json"), results)
 
 
-def plot_soups(path: str, per_variant: dict, title: str) -> None:
+def plot_soups(path, per_variant: dict, title: str) -> None:
   """Held-out vs test accuracy: every model as a dot, the soups and the best model marked."""
-  fig, ax = pyplot().subplots(figsize=(6.5, 5))
+  fig, ax = reporting.pyplot().subplots(figsize=(6.5, 5))
   for i, (variant, r) in enumerate(per_variant.items()):
     color = f"C{i}"
     ax.scatter(100 * np.asarray(r["individual"]["heldout"]), 100 * np.asarray(r["individual"]["test"]), color=color,
@@ -296,21 +297,4 @@ def plot_soups(path: str, per_variant: dict, title: str) -> None:
   ax.set(xlabel="held-out accuracy (%)", ylabel="test accuracy (%)", title=title)
   ax.grid(alpha=0.3)
   ax.legend(fontsize=8)
-  save_figure(fig, path)
-
-
-def pyplot():
-  """matplotlib.pyplot on the Agg backend (no display needed)."""
-  import matplotlib  # pylint: disable=g-import-not-at-top
-  matplotlib.use("Agg")
-  import matplotlib.pyplot as plt  # pylint: disable=g-import-not-at-top
-  return plt
-
-
-def save_figure(fig, path: str) -> None:
-  """Saves a PNG through a temporary file and a rename, then closes the figure."""
-  fig.tight_layout()
-  tmp = path + ".tmp.png"
-  fig.savefig(tmp, dpi=120)
-  pyplot().close(fig)
-  os.replace(tmp, path)
+  reporting.write_png(fig, path)

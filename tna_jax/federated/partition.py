@@ -6,11 +6,11 @@ cover every example exactly once. Each split is a pure function of the labels an
 algorithm of a comparison, and a resumed run, sees the same clients.
 """
 
-import os
 from typing import Sequence
 
 import numpy as np
 
+from tna_jax import reporting
 from tna_jax.errors import ConfigError, check_choice
 
 KINDS = ("iid", "dirichlet", "shards")
@@ -144,12 +144,10 @@ def summary(counts: np.ndarray) -> dict:
   }
 
 
-def plot_label_distribution(path: str, counts: np.ndarray, title: str) -> None:
+def plot_label_distribution(path, counts: np.ndarray, title: str) -> None:
   """A stacked bar per client, one colour per class, saved as PNG."""
-  import matplotlib  # pylint: disable=g-import-not-at-top
-  matplotlib.use("Agg")
-  import matplotlib.pyplot as plt  # pylint: disable=g-import-not-at-top
-
+  import matplotlib.ticker  # pylint: disable=g-import-not-at-top  (matplotlib loads only when plotting)
+  plt = reporting.pyplot()
   num_clients, num_classes = counts.shape
   fig, ax = plt.subplots(figsize=(max(6.0, 0.35 * num_clients + 2), 4))
   colors = plt.get_cmap("tab10" if num_classes <= 10 else "tab20")
@@ -161,11 +159,7 @@ def plot_label_distribution(path: str, counts: np.ndarray, title: str) -> None:
   ax.xaxis.set_major_locator(matplotlib.ticker.MaxNLocator(integer=True))
   if num_classes <= 20:
     ax.legend(title="class", fontsize="small", ncol=2, bbox_to_anchor=(1.01, 1), loc="upper left")
-  fig.tight_layout()
-  tmp = path + ".tmp.png"
-  fig.savefig(tmp, dpi=120)
-  plt.close(fig)
-  os.replace(tmp, path)
+  reporting.write_png(fig, path)
 
 
 def local_test_weights(test_labels: np.ndarray, counts: np.ndarray) -> np.ndarray:
