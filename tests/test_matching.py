@@ -16,10 +16,13 @@ MEAN, STD = (0.5,), (0.25,)
 
 
 def _images(shape, batches: int, batch_size: int = 16, seed: int = 0) -> np.ndarray:
+  """uint8 inputs: images, or byte ids for the text model (which `_stats` leaves as they are)."""
   return np.random.default_rng(seed).integers(0, 256, (batches, batch_size) + shape, dtype=np.uint8)
 
 
 def _stats(shape):
+  if len(shape) == 1:  # byte ids: normalization with mean 0 and std 1/255 is the identity (`text_data`)
+    return (0.0,), (1 / 255,)
   return MEAN * shape[-1], STD * shape[-1]
 
 
@@ -30,7 +33,7 @@ def _permuted_copy(name):
   return model, spec, variables, perms, permutations.permute_variables(spec, variables, perms)
 
 
-@pytest.mark.parametrize("name", ["mlp", "cnn", "resnet20-batchnorm"])
+@pytest.mark.parametrize("name", ["mlp", "cnn", "resnet20-batchnorm", "vit", "vit-lora", "text"])
 def test_weight_matching_undoes_a_random_permutation_and_closes_the_barrier(name):
   model, spec, variables, perms, moved = _permuted_copy(name)
   result = matching.weight_matching(spec, variables["params"], moved["params"], seed=1)
@@ -53,7 +56,7 @@ def test_weight_matching_undoes_a_random_permutation_and_closes_the_barrier(name
   assert abs(unaligned["loss"][1] - unaligned["loss"][0]) > 1e-3  # without matching the midpoint is another net
 
 
-@pytest.mark.parametrize("name", ["mlp", "resnet20-layernorm"])
+@pytest.mark.parametrize("name", ["mlp", "resnet20-layernorm", "vit"])
 def test_activation_matching_undoes_a_random_permutation(name):
   model, spec, variables, perms, moved = _permuted_copy(name)
   shape = TINY_MODELS[name][1]
@@ -62,7 +65,9 @@ def test_activation_matching_undoes_a_random_permutation(name):
   inverse = permutations.inverse(perms)
   for p in spec.names:
     np.testing.assert_array_equal(result.perms[p], inverse[p], err_msg=p)
-  assert result.iterations == 1
+  sited = dict(spec.sites)
+  # Heads and head dims have no activation site: weight matching finds them (>= 2 sweeps).
+  assert result.iterations == 1 if all(p in sited for p in spec.names) else result.iterations >= 3
   assert result.objective == pytest.approx(1.0, abs=1e-4) and result.initial_objective < 0.5
   jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-6), aligned, variables)
 

@@ -9,7 +9,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from tna_jax import models, permutations, tree_utils
+from tna_jax import models, permutations, transformers, tree_utils
 from tna_jax.errors import ConfigError
 
 # (model config, input shape): tiny widths, the real structure (names, depth, shortcuts).
@@ -20,6 +20,11 @@ TINY_MODELS = {
     "resnet20-layernorm": ({"name": "resnet20", "norm": "layernorm", "width_multiplier": 0.25}, (8, 8, 3)),
     "resnet20-none": ({"name": "resnet20", "norm": "none", "width_multiplier": 0.25}, (8, 8, 3)),
     "vgg11": ({"name": "vgg11", "width_multiplier": 1 / 16}, (8, 8, 3)),
+    "vit": ({"name": "vit", "patch_size": 4, "depth": 2, "width": 16, "num_heads": 4, "mlp_dim": 32}, (8, 8, 3)),
+    "vit-lora": ({"name": "vit", "patch_size": 4, "depth": 2, "width": 16, "num_heads": 4, "mlp_dim": 32,
+                  "lora_rank": 2}, (8, 8, 3)),
+    "text": ({"name": "text_transformer", "depth": 2, "width": 16, "num_heads": 4, "mlp_dim": 32, "pool": "gap"},
+             (8,)),  # byte ids; mean pooling, so no class token
 }
 PERM_SEED = 4  # none of its permutations is the identity (checked below)
 
@@ -45,7 +50,11 @@ def tiny(name: str, seed: int = 0):
   """(model, random variables, a batch of inputs) of TINY_MODELS[name]; computed once."""
   config, shape = TINY_MODELS[name]
   model = models.get_model(config, 10)
-  x = jax.random.normal(jax.random.key(seed + 7), (4,) + shape)
+  key = jax.random.key(seed + 7)
+  if isinstance(model, transformers.TextTransformer):  # byte ids, padding (id 0) included
+    x = jax.random.randint(key, (4,) + shape, 0, model.vocab_size).at[:, -2:].set(transformers.PAD_ID)
+  else:
+    x = jax.random.normal(key, (4,) + shape)
   return model, random_variables(model, shape, seed), x
 
 
@@ -87,11 +96,11 @@ def test_random_permutations_leave_outputs_unchanged(permuted):
 
 def test_permutations_really_move_every_permuted_leaf(permuted):
   _, _, spec, variables, moved, _ = permuted
-  leaf_axes = spec.leaf_axes()
+  moving = {unit.path for unit in spec.units() if unit.size > 1}
   for collection, tree in variables.items():
     after = _flat(moved[collection])
     for path, before in _flat(tree).items():
-      if any(p is not None and spec.size(p) > 1 for p in leaf_axes[path]):
+      if path in moving:
         assert not np.allclose(before, after[path]), f"{collection}/{path}"
 
 
@@ -173,3 +182,68 @@ def test_flattened_axis_is_permuted_unit_by_unit():
   products = permutations.unit_products(x, x, 1, 3)
   units = np.asarray(x).reshape(2, 3, 2).transpose(1, 0, 2).reshape(3, -1)
   np.testing.assert_allclose(products, units @ units.T)
+  # An axis of 2 heads x 3 head dims (LoRA's B): the heads are the outer part (inner = 3).
+  moved = permutations.take_units(x, jnp.array([1, 0]), axis=1, inner=3)
+  np.testing.assert_array_equal(moved[0, :, 0], [6, 8, 10, 0, 2, 4])
+  heads = np.asarray(x).reshape(2, 6)
+  np.testing.assert_allclose(permutations.unit_products(x, x, 1, 2, inner=3), heads @ heads.T)
+
+
+TRANSFORMERS = ["vit", "vit-lora", "text"]
+
+
+@pytest.mark.parametrize("name", TRANSFORMERS)
+def test_every_transformer_permutation_alone_keeps_the_logits(name):
+  """The residual stream, each block's heads, head dims (q/k and v/out) and MLP units: each
+  one alone, and all together, is a symmetry of the model (LoRA adapters included)."""
+  model, variables, x = tiny(name)
+  spec = permutations.spec_for(model, variables)
+  perms = permutations.random_permutations(spec, jax.random.key(PERM_SEED))
+  out = model.apply(variables, x, train=False)
+  for moved_name in spec.names + ("all",):
+    only = perms if moved_name == "all" else {**permutations.identity(spec), moved_name: perms[moved_name]}
+    moved = model.apply(permutations.permute_variables(spec, variables, only), x, train=False)
+    np.testing.assert_allclose(moved, out, rtol=0, atol=1e-5 * np.abs(out).max(), err_msg=moved_name)
+
+
+def test_transformer_specs_name_residual_stream_heads_head_dims_and_mlp_units():
+  model, variables = tiny_shapes("vit-lora")
+  spec = permutations.spec_for(model, variables)
+  block = "Transformer/encoderblock_1"
+  heads, qk, vo, mlp = (f"{block}/{p}" for p in ("heads", "qk", "vo", "mlp"))
+  assert spec.names[0] == "residual" and len(spec.names) == 1 + 2 * 4
+  assert {p: spec.size(p) for p in (heads, qk, vo, mlp)} == {heads: 4, qk: 4, vo: 4, mlp: 32}
+  assert dict(spec.nested)[heads] == (qk, vo)
+  axes, attention = spec.leaf_axes(), f"{block}/MultiHeadDotProductAttention_0"
+  assert axes[f"{attention}/query/kernel"] == ("residual", heads, qk)  # [width, heads, head_dim]
+  assert axes[f"{attention}/key/bias"] == (heads, qk)
+  assert axes[f"{attention}/value/lora_b"] == (None, (heads, vo))  # [rank, heads * head_dim]
+  assert axes[f"{attention}/out/kernel"] == (heads, vo, "residual")  # [heads, head_dim, width]
+  assert axes[f"{attention}/out/lora_a"] == ((heads, vo), None)
+  assert axes[f"{block}/MlpBlock_0/Dense_0/lora_a"] == ("residual", None)
+  assert axes[f"{block}/MlpBlock_0/Dense_1/lora_b"] == (None, "residual")
+  assert axes["embedding/kernel"] == (None, None, None, "residual")
+  assert axes["pos_embedding"] == axes["cls"] == (None, None, "residual")
+  assert axes["head/kernel"] == ("residual", None)
+  assert dict(spec.sites)["residual"] == ("embedding", "Transformer/encoderblock_0", block)
+  assert dict(spec.sites)[mlp] == (f"{block}/MlpBlock_0/Dense_0",) and heads not in dict(spec.sites)
+  [heads_on_b] = [u for u in spec.axes_of(heads) if u.path == f"{attention}/value/lora_b"]
+  assert (heads_on_b.axis, heads_on_b.size, heads_on_b.inner) == (1, 4, 4)  # heads are the outer part
+  model, variables = tiny_shapes("text")
+  axes = permutations.spec_for(model, variables).leaf_axes()
+  assert axes["embedding/embedding"] == (None, "residual") and "cls" not in axes
+
+
+def test_transformer_spec_check_raises_both_ways():
+  lora_model, lora_variables = tiny_shapes("vit-lora")
+  plain_model = lora_model.clone(lora_rank=0)
+  query = "Transformer/encoderblock_0/MultiHeadDotProductAttention_0/query"
+  with pytest.raises(ValueError, match=rf"leaves no layer describes: \[.*'params/{query}/lora_a'"):
+    permutations.spec_for(plain_model, lora_variables)  # adapters the description does not cover
+  plain_variables = jax.eval_shape(lambda: models.init_variables(plain_model, jax.random.key(0), (8, 8, 3)))
+  with pytest.raises(ValueError, match=rf"described layers without variables: \[.*'{query}/lora_a'"):
+    permutations.spec_for(lora_model, plain_variables)
+  params = jax.tree.map(lambda x: x, plain_variables["params"])
+  params["Transformer"]["encoderblock_0"]["MultiHeadDotProductAttention_0"]["query"]["scale"] = params["head"]["bias"]
+  with pytest.raises(ValueError, match=rf"leaves no layer describes: \['params/{query}/scale'\]"):
+    permutations.spec_for(plain_model, {"params": params})

@@ -30,8 +30,9 @@ def _repair_at(model, variables_a, variables_b, images, alphas):
   return jax.vmap(at)(alphas)
 
 
-# Folding into Dense and Conv biases (mlp, cnn; as resnet20-none), LayerNorm and BatchNorm.
-@pytest.mark.parametrize("name", ["mlp", "cnn", "resnet20-batchnorm", "resnet20-layernorm"])
+# Folding into Dense and Conv biases (mlp, cnn; as resnet20-none), LayerNorm and BatchNorm, and a ViT
+# (embedding, norms and MLP Dense layers are sites; its pos_embedding and attention are left alone).
+@pytest.mark.parametrize("name", ["mlp", "cnn", "resnet20-batchnorm", "resnet20-layernorm", "vit"])
 def test_repair_keeps_endpoints_and_restores_interpolated_statistics(name):
   model, variables_a, _ = tiny(name)
   _, variables_b, _ = tiny(name, seed=1)

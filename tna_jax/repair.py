@@ -32,12 +32,14 @@ def sites(model, variables: Mapping[str, PyTree]) -> tuple[str, ...]:
 
   Every permuted layer with a per-channel bias to absorb the shift: Dense and Conv layers
   with a bias, LayerNorm and BatchNorm. Convs without a bias feed a norm, which is
-  repaired instead; the head (unpermuted logits) is left alone.
+  repaired instead; the head (unpermuted logits) is left alone, and so are modules
+  described leaf by leaf (`permutations.Leaves`: attention projections, LoRA layers),
+  whose leaves the per-channel fold below does not fit.
   """
   spec = permutations.spec_for(model, variables)
   paths = set(spec.leaf_axes())
-  return tuple(layer.module for layer in spec.layers
-               if layer.p_out is not None and f"{layer.module}/bias" in paths)
+  return tuple(layer.module for layer in spec.layers if isinstance(layer, permutations.Layer)
+               and layer.p_out is not None and f"{layer.module}/bias" in paths)
 
 
 def _moments(y: jax.Array) -> tuple[jax.Array, jax.Array]:
@@ -77,7 +79,7 @@ def repair(model, variables: Mapping[str, PyTree], images: jax.Array, target: St
     shift[module] = target_mean - scale[module] * mean
 
   def fold(path: str, leaf: jax.Array) -> jax.Array:
-    module, name = path.rsplit("/", 1)
+    module, name = path.rsplit("/", 1) if "/" in path else ("", path)  # a transformer's own pos_embedding
     if module not in scale:
       return leaf
     leaf = leaf * scale[module].astype(leaf.dtype)

@@ -30,8 +30,7 @@ def host_weight_matching(spec: permutations.PermutationSpec, params_a, params_b,
   Returns (perms, sweeps) with the library's conventions.
   """
   a, b = (matching.leaves_by_path(jax.device_get(p)) for p in (params_a, params_b))
-  leaf_axes, sizes = spec.leaf_axes(), dict(spec.sizes)
-  leaves = {name: [pair for pair in spec.axes_of(name) if pair[0] in a] for name in spec.names}
+  sizes, units = dict(spec.sizes), [unit for unit in spec.units() if unit.path in a]
   perms = {name: np.arange(size) for name, size in spec.sizes}
   key = jax.random.key(seed)
   for sweep in range(max_iterations):
@@ -40,12 +39,12 @@ def host_weight_matching(spec: permutations.PermutationSpec, params_a, params_b,
       name = spec.names[index]
       size = sizes[name]
       score = np.zeros((size, size), np.float32)
-      for path, axis in leaves[name]:
-        w_b = b[path]
-        for other_axis, other in enumerate(leaf_axes[path]):
-          if other is not None and other_axis != axis:
-            w_b = _take_units(w_b, perms[other], other_axis)
-        score += _units_first(a[path], axis, size) @ _units_first(w_b, axis, size).T
+      for unit in (u for u in units if u.name == name):
+        w_b = b[unit.path]
+        for other in units:
+          if other.path == unit.path and other.name != name:
+            w_b = _take_units(w_b, perms[other.name], other.axis, other.inner)
+        score += _units_first(a[unit.path], unit, size) @ _units_first(w_b, unit, size).T
       new = scipy.optimize.linear_sum_assignment(score, maximize=True)[1]
       rows = np.arange(size)
       better = bool(matching.improves(score[rows, perms[name]].sum(), score[rows, new].sum()))
@@ -57,14 +56,16 @@ def host_weight_matching(spec: permutations.PermutationSpec, params_a, params_b,
   return perms, max_iterations
 
 
-def _units_first(x: np.ndarray, axis: int, size: int) -> np.ndarray:
-  split = x.reshape(x.shape[:axis] + (x.shape[axis] // size, size) + x.shape[axis + 1:])
-  return np.moveaxis(split, axis + 1, 0).reshape(size, -1)
+def _split(x: np.ndarray, axis: int, size: int, inner: int) -> np.ndarray:
+  return x.reshape(x.shape[:axis] + (x.shape[axis] // (size * inner), size, inner) + x.shape[axis + 1:])
 
 
-def _take_units(x: np.ndarray, perm: np.ndarray, axis: int) -> np.ndarray:
-  split = x.reshape(x.shape[:axis] + (x.shape[axis] // perm.size, perm.size) + x.shape[axis + 1:])
-  return np.take(split, perm, axis=axis + 1).reshape(x.shape)
+def _units_first(x: np.ndarray, unit, size: int) -> np.ndarray:
+  return np.moveaxis(_split(x, unit.axis, size, unit.inner), unit.axis + 1, 0).reshape(size, -1)
+
+
+def _take_units(x: np.ndarray, perm: np.ndarray, axis: int, inner: int) -> np.ndarray:
+  return np.take(_split(x, axis, perm.size, inner), perm, axis=axis + 1).reshape(x.shape)
 
 
 def matching_speedup(quick: bool) -> dict:
