@@ -166,15 +166,20 @@ def count(compiled, client=None) -> Count:
 
   Every loop body (and condition) is analysed as its own program; its own work (without
   the loops nested in it) counts once per run: the product of the trip counts around it.
+  A loop without a known trip count counts once and is named in `unknown_trip_counts`
+  (all of them, should jaxlib's HLO bindings be missing).
   """
-  from jaxlib import _hlo  # pylint: disable=g-import-not-at-top
-  from jax._src.lib import _jax  # pylint: disable=g-import-not-at-top
-
-  client = client or jax.devices()[0].client
   xla_flops = cost_analysis(compiled).get("flops", 0.0)
   program = hlo.Program(compiled.as_text())
   if not program.loops:
     return Count(xla_flops, xla_flops, (), ())
+  try:  # jaxlib's private bindings (jax 0.10): parse HLO text, run XLA's cost analysis on it
+    from jaxlib import _hlo  # pylint: disable=g-import-not-at-top
+    from jax._src.lib import _jax  # pylint: disable=g-import-not-at-top
+  except ImportError:  # they moved: XLA's own figure, every loop reported as not unrolled
+    loops = tuple((loop.instruction, loop.trip_count) for loop in program.loops)
+    return Count(xla_flops, xla_flops, loops, tuple(name for name, _ in loops))
+  client = client or jax.devices()[0].client
 
   @functools.cache
   def once(computation: str) -> float:  # XLA's figure with `computation` as entry (nested loops once)
