@@ -10,7 +10,7 @@ import sys
 
 import pytest
 
-from tna_jax.bench import FIGURES, core
+from tna_jax.bench import FIGURES, core, efficiency
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 CORE_FIGURES = ("mask_overhead_ratio", "lmc_curve_speedup", "replicas_speedup", "torch_speed_ratio")
@@ -56,6 +56,17 @@ def test_torch_speed_ratio_quick():
     assert result["value"] is None and "not installed" in result["summary"]
   else:
     _check(result, "jax_images_per_s", "torch_images_per_s")
+
+
+def test_efficiency_figures_quick():
+  # Both share one measurement (efficiency.measure is cached per mode).
+  for name in ("train_efficiency", "peak_fraction"):
+    assert FIGURES[name] == f"tna_jax.bench.efficiency:{name}"
+  train = efficiency.train_efficiency(quick=True)
+  _check(train, "library_model_epoch_s", "baseline_model_epoch_s", "library_evaluate_call_s", "training_only_ratio")
+  peak = efficiency.peak_fraction(quick=True)
+  _check(peak, "train_flops", "achieved_flops_per_s", "peak_flops_per_s")
+  assert peak["value"] < 2  # a fraction of the machine's matmul peak, give or take timing noise
 
 
 def test_alternate_times_every_function_in_turns():

@@ -14,4 +14,6 @@ FIGURES: dict[str, str] = {
     "lmc_curve_speedup": "tna_jax.bench.core:lmc_curve_speedup",
     "replicas_speedup": "tna_jax.bench.core:replicas_speedup",
     "torch_speed_ratio": "tna_jax.bench.core:torch_speed_ratio",
+    "train_efficiency": "tna_jax.bench.efficiency:train_efficiency",
+    "peak_fraction": "tna_jax.bench.efficiency:peak_fraction",
 }
