@@ -6,6 +6,7 @@ whatever moment it has reached. Results must then equal an uninterrupted run's b
 (on this machine), and metrics must hold each step once.
 """
 
+import concurrent.futures
 import hashlib
 import json
 import os
@@ -83,16 +84,33 @@ def tree_digest(directory):
   return digest.hexdigest()
 
 
-@pytest.mark.parametrize("experiment", sorted(EXPERIMENTS))
-def test_a_killed_run_resumes_to_the_results_of_an_uninterrupted_one(tmp_path, experiment):
-  flags, kill_after = EXPERIMENTS[experiment]
-  straight = run_main(tmp_path / "straight", *flags)
-  assert straight.returncode == 0, straight.stderr[-3000:]
+def in_parallel(jobs):
+  """Runs `run_main` jobs (workdir, flags, env) two at a time (the machine's cores): much
+  of each run is single-threaded start-up and compilation."""
+  with concurrent.futures.ThreadPoolExecutor(max_workers=2) as pool:
+    return list(pool.map(lambda job: run_main(job[0], *job[1], env=job[2]), jobs))
 
-  killed = run_main(tmp_path / "resumed", *flags, env={"TNA_KILL_AFTER": kill_after})
+
+@pytest.fixture(scope="module")
+def preempted(tmp_path_factory):
+  """Per experiment: an uninterrupted run, and a run killed at `kill_after` then resumed."""
+  root = tmp_path_factory.mktemp("preempted")
+  names = sorted(EXPERIMENTS)
+  first = in_parallel([job for name in names for job in (
+      (root / name / "straight", EXPERIMENTS[name][0], None),
+      (root / name / "resumed", EXPERIMENTS[name][0], {"TNA_KILL_AFTER": EXPERIMENTS[name][1]}))])
+  killed_results = {name: (root / name / "resumed" / "results.json").exists() for name in names}
+  resumed = in_parallel([(root / name / "resumed", EXPERIMENTS[name][0], None) for name in names])
+  return {name: (root / name, first[2 * i], first[2 * i + 1], killed_results[name], resumed[i])
+          for i, name in enumerate(names)}
+
+
+@pytest.mark.parametrize("experiment", sorted(EXPERIMENTS))
+def test_a_killed_run_resumes_to_the_results_of_an_uninterrupted_one(preempted, experiment):
+  tmp_path, straight, killed, killed_wrote_results, resumed = preempted[experiment]
+  assert straight.returncode == 0, straight.stderr[-3000:]
   assert killed.returncode == -signal.SIGKILL, killed.stderr[-3000:]
-  assert not (tmp_path / "resumed" / "results.json").exists()
-  resumed = run_main(tmp_path / "resumed", *flags)
+  assert not killed_wrote_results
   assert resumed.returncode == 0, resumed.stderr[-3000:]
   assert "Resuming the unfinished run" in resumed.stdout
 
@@ -131,7 +149,7 @@ def test_overwrite_replaces_a_run_only_once_the_new_one_is_complete(tmp_path):
 
 def test_a_second_run_into_a_live_workdir_is_refused_and_a_dead_ones_lock_is_taken_over(tmp_path):
   workdir = tmp_path / "run"
-  flags = LMC + ["--config.num_train=10000", "--config.num_epochs=20"]
+  flags = LMC + ["--config.num_train=4000", "--config.num_epochs=12"]
   live = subprocess.Popen([sys.executable, "-m", "tna_jax.main", f"--workdir={workdir}", *flags], cwd=ROOT,
                           stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
   try:
@@ -146,15 +164,14 @@ def test_a_second_run_into_a_live_workdir_is_refused_and_a_dead_ones_lock_is_tak
   finally:
     live.send_signal(signal.SIGKILL)  # preempted from outside, at whatever step it reached
     live.wait()
-  resumed = run_main(workdir, *flags, "--config.checkpoint.every=10")  # checkpoint.every may change on resume
+  resumed = run_main(workdir, *flags, "--config.checkpoint.every=6")  # checkpoint.every may change on resume
   assert resumed.returncode == 0, resumed.stderr[-2000:]
   assert "train: resuming after epoch" in resumed.stdout and (workdir / "results.json").exists()
 
 
 def _corrupt_checkpoint(tmp_path):
-  from tna_jax import checkpoints as ckpt  # pylint: disable=g-import-not-at-top
   path = tmp_path / "corrupt_base"
-  ckpt.save(path, {"params": {"w": np.arange(10000, dtype=np.float32)}})
+  checkpoints.save(path, {"params": {"w": np.arange(10000, dtype=np.float32)}})
   data = max((p for p in path.rglob("*") if p.is_file() and p.parent.name == "d"), key=lambda p: p.stat().st_size)
   raw = bytearray(data.read_bytes())
   raw[len(raw) // 2] ^= 0xFF
@@ -178,16 +195,26 @@ BAD_INPUTS = {
 }
 
 
+@pytest.fixture(scope="module")
+def mistakes(tmp_path_factory):
+  """Every BAD_INPUTS case run once (two at a time): (workdir, result)."""
+  root = tmp_path_factory.mktemp("mistakes")
+  jobs = []
+  for i, case in enumerate(sorted(BAD_INPUTS)):
+    flags = [f.format(corrupt=_corrupt_checkpoint(root)) if "{corrupt}" in f else f for f in BAD_INPUTS[case][0]]
+    workdir = root / f"run{i}"
+    if case == "workdir is a file":
+      workdir.write_text("notes")
+    if case == "workdir not writable":
+      workdir = pathlib.Path("/sys/fs/tna_jax_test_run")  # mkdir is refused there, even for root
+    jobs.append((workdir, flags, None))
+  return {case: (job[0], result) for case, job, result in zip(sorted(BAD_INPUTS), jobs, in_parallel(jobs))}
+
+
 @pytest.mark.parametrize("case", sorted(BAD_INPUTS))
-def test_each_mistake_is_one_line_exit_2_and_writes_nothing(tmp_path, case):
-  flags, message = BAD_INPUTS[case]
-  flags = [f.format(corrupt=_corrupt_checkpoint(tmp_path)) if "{corrupt}" in f else f for f in flags]
-  workdir = tmp_path / "run"
-  if case == "workdir is a file":
-    workdir.write_text("notes")
-  if case == "workdir not writable":
-    workdir = pathlib.Path("/sys/fs/tna_jax_test_run")  # mkdir is refused there, even for root
-  result = run_main(workdir, *flags)
+def test_each_mistake_is_one_line_exit_2_and_writes_nothing(mistakes, case):
+  workdir, result = mistakes[case]
+  message = BAD_INPUTS[case][1]
   assert result.returncode == 2, result.stderr[-2000:]
   lines = result.stderr.strip().splitlines()
   assert len(lines) == 1 and lines[0].startswith("error: ") and message in lines[0], result.stderr[-2000:]
