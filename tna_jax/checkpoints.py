@@ -88,13 +88,14 @@ def restore(path: files.PathLike, like: PyTree | None = None) -> PyTree:
   Raises:
     CheckpointError: the directory is not a checkpoint, cannot be read or is corrupt.
   """
-  where = str(files.path(path))
-  if not files.path(path).is_dir():
+  directory = files.path(path)
+  where = str(directory)
+  if not directory.is_dir():
     raise CheckpointError(f"{where} is not an orbax checkpoint directory.")
   try:
     with ocp.StandardCheckpointer() as checkpointer:
-      stored = (checkpointer.metadata(files.path(path)).custom_metadata or {}).get(_CHECKSUMS)
-      tree = checkpointer.restore(files.path(path), *(() if like is None else (_abstract(like),)))
+      stored = (checkpointer.metadata(directory).custom_metadata or {}).get(_CHECKSUMS)
+      tree = checkpointer.restore(directory, *(() if like is None else (_abstract(like),)))
   except (ValueError, OSError, RuntimeError, KeyError, TypeError) as e:
     raise _unreadable(where, e, _OUTPUT_ADVICE) from None
   tree = jax.tree.map(np.asarray, tree)

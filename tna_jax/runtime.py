@@ -178,10 +178,11 @@ class Phase:
       which = (f" (models {', '.join(n for n, l in zip(self.names, losses.ravel()) if not np.isfinite(l))})"
                if losses.ndim and len(self.names) == losses.size else "")
       kept = self.checkpoints.latest_step()
-      raise DivergedError(
-          f"training diverged: the training loss of {self.name} is not finite at {self.unit} {step}{which}; "
-          f"{'the last good checkpoint (' + self.unit + ' ' + str(kept) + ') is kept in ' + str(self.checkpoints.directory) if kept else 'no checkpoint was written'}"
-          ". Lower the learning rate or check the data; no results were written.")
+      where = (f"the last good checkpoint ({self.unit} {kept}) is kept in {self.checkpoints.directory}" if kept
+               else "no checkpoint was written")
+      raise DivergedError(f"training diverged: the training loss of {self.name} is not finite at {self.unit} "
+                          f"{step}{which}; {where}. Lower the learning rate or check the data; no results were "
+                          "written.")
     self.history.append(files.jsonable(record))
     self.run.writer.write(self.name, step, record, self.names if names is None else names)
     if self.checkpoints.due(step):

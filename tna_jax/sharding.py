@@ -179,7 +179,6 @@ def replicate(tree: PyTree, mesh: Mesh) -> PyTree:
   return jax.jit(lambda t: t, out_shardings=named(mesh))(tree)
 
 
-
 def barrier(name: str) -> None:
   """Waits until every process reaches `name` (a no-op in a single-process run)."""
   if jax.process_count() > 1:

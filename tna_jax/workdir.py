@@ -98,12 +98,17 @@ def plan(workdir: files.PathLike, config: dict, *, overwrite: bool, resumable: t
                         "--config.overwrite=True to replace it (the old run is kept until the new one is complete).")
     return Plan(root, root, resume=True)
   if not overwrite:
-    what = "a finished run (results.json)" if state == "finished" else "files that are not a tna_jax run"
-    raise ConfigError(f"workdir {str(root)!r} already holds {what}; use a new --workdir or pass "
-                      "--config.overwrite=True to replace it (the old run is kept until the new one is complete).")
+    raise _occupied(root, state)
   staging = staging_dir(root)
   resume = (_state(staging) == "unfinished" and not changed_keys(files.read_json(staging / CONFIG), config, resumable))
   return Plan(root, staging, resume=resume)
+
+
+def _occupied(directory: epath.Path, state: str) -> ConfigError:
+  """The refusal of a workdir holding a finished run or foreign files (without overwrite)."""
+  what = "a finished run (results.json)" if state == "finished" else "files that are not a tna_jax run"
+  return ConfigError(f"workdir {str(directory)!r} already holds {what}; use a new --workdir or pass "
+                     "--config.overwrite=True to replace it (the old run is kept until the new one is complete).")
 
 
 def _state(directory: epath.Path) -> str:
@@ -147,10 +152,9 @@ def start(plan_: Plan, config: dict) -> "Lock":
                       "can write to.") from None
   lock = Lock(directory)
   lock.acquire()
-  if (directory / RESULTS).exists():  # another run finished between `plan` and the lock
+  if _state(directory) == "finished":  # another run finished between `plan` and the lock
     lock.release()
-    raise ConfigError(f"workdir {str(directory)!r} now holds a finished run (results.json); use a new --workdir or "
-                      "pass --config.overwrite=True to replace it.")
+    raise _occupied(directory, "finished")
   if plan_.staged and not plan_.resume:
     for entry in directory.iterdir():
       if entry.name != LOCK:
