@@ -39,7 +39,7 @@ def test_lmc_run_prints_the_table_and_writes_results(tiny_run):
     # The curve's endpoints are the trained models, evaluated the same way as after training.
     curve = results["curves"][row["variant"]]
     assert curve["accuracy"][0] == pytest.approx(results["final"][f"{row['variant']}_0"]["test_accuracy"], abs=1e-6)
-  assert (workdir / "lmc_curves.png").stat().st_size > 10_000
+  assert (workdir / "lmc_curves.png").stat().st_size > 10_000 and (workdir / "lmc_curves.pdf").read_bytes()[:5] == b"%PDF-"
   lines = (workdir / "metrics.jsonl").read_text().splitlines()
   assert len(lines) == 1 and len(json.loads(lines[0])["test_accuracy"]) == 6
   assert any((workdir / "tensorboard" / "train").iterdir()), "TensorBoard event file missing"

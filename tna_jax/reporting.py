@@ -1,4 +1,4 @@
-"""What a person looks at: results JSON written atomically, tables on stdout, PNG plots.
+"""What a person looks at: results JSON written atomically, tables on stdout, plots (PNG and PDF).
 
 In a multi-process run every process computes the same results, and only process 0
 (`sharding.is_writer`) writes files, so workers never race on one path. Files go through
@@ -10,7 +10,9 @@ from typing import Any, Sequence
 
 import numpy as np
 
-from tna_jax import files, sharding
+from tna_jax import files, lmc, sharding
+
+DPI = 200  # figures are read on screens and printed
 
 
 def write_json(path: files.PathLike, obj: Any) -> None:
@@ -39,17 +41,40 @@ def _cell(value, spec: str) -> str:
   return format(value, spec)
 
 
-def plot_curves(path: files.PathLike, alphas: np.ndarray, curves: dict[str, dict[str, np.ndarray]], title: str) -> None:
-  """Loss and accuracy against alpha, one line per curve name; saved as PNG."""
+def plot_curves(path: files.PathLike, alphas: np.ndarray, curves: dict[str, dict[str, np.ndarray]], title: str,
+                labels: dict[str, str] | None = None) -> None:
+  """Loss and accuracy against alpha, one line per curve, each curve's barrier marked.
+
+  Each barrier (`lmc.barriers`: the largest gap between the curve and the straight line
+  through its endpoints) is drawn as a dotted vertical segment from that line to the curve
+  at its alpha, with its size in the legend. `labels` maps curve names to what a reader
+  understands ('TNA-PFN (40 % fixed)'); unmapped names are shown as they are.
+  """
   if not sharding.is_writer():
     return
+  labels = labels or {}
   fig, (ax_loss, ax_acc) = pyplot().subplots(1, 2, figsize=(10, 4))
   for name, curve in curves.items():
-    ax_loss.plot(alphas, curve["loss"], marker=".", label=name)
-    ax_acc.plot(alphas, 100 * np.asarray(curve["accuracy"]), marker=".", label=name)
-  ax_loss.set(xlabel="alpha", ylabel="test loss", title="loss along the segment")
-  ax_acc.set(xlabel="alpha", ylabel="test accuracy (%)", title="accuracy along the segment")
+    label = labels.get(name, name)
+    loss, accuracy = np.asarray(curve["loss"]), 100 * np.asarray(curve["accuracy"])
+    found = lmc.barriers(alphas, loss, accuracy / 100)
+    for ax, values, barrier, alpha, unit in (
+        (ax_loss, loss, found["loss_barrier"], found["loss_barrier_alpha"], ""),
+        (ax_acc, accuracy, found["accuracy_barrier_pp"], found["accuracy_barrier_alpha"], " pp")):
+      line, = ax.plot(alphas, values, marker=".", label=f"{label} (barrier {barrier:.3g}{unit})")
+      if np.isfinite(alpha):
+        on_line = (1 - alpha) * values[0] + alpha * values[-1]
+        on_curve = np.interp(alpha, alphas, values)
+        ax.vlines(alpha, min(on_line, on_curve), max(on_line, on_curve), colors=line.get_color(), linestyles=":")
+  ax_loss.set(xlabel="interpolation weight alpha", ylabel="test loss", title="loss along the segment")
+  ax_acc.set(xlabel="interpolation weight alpha", ylabel="test accuracy (%)", title="accuracy along the segment")
   save_figure(fig, (ax_loss, ax_acc), path, title)
+
+
+def variant_label(variant: str, fixed_fraction: float, pruning_fraction: float) -> str:
+  """How a paper names a training variant: 'vanilla', 'TNA-PFN (40 % fixed)', 'pruning at init (40 %)'."""
+  return {"tna": f"TNA-PFN ({100 * fixed_fraction:.0f} % fixed)",
+          "pruning": f"pruning at init ({100 * pruning_fraction:.0f} %)"}.get(variant, variant)
 
 
 def pyplot():
@@ -70,11 +95,13 @@ def save_figure(fig, axes, path: files.PathLike, title: str) -> None:
 
 
 def write_png(fig, path: files.PathLike) -> None:
-  """The figure laid out and written as PNG through a rename (a crash never leaves half an
-  image at `path`), by process 0 only; the figure is closed either way."""
+  """The figure laid out and written as PNG (200 dpi) and, beside it, as PDF (same name,
+  .pdf) for a paper; each through a rename (a crash never leaves half an image at `path`),
+  by process 0 only. The figure is closed either way."""
   fig.tight_layout()
   if sharding.is_writer():
-    buffer = io.BytesIO()
-    fig.savefig(buffer, format="png", dpi=120)
-    files.write_bytes(path, buffer.getvalue())
+    for fmt, target in (("png", files.path(path)), ("pdf", files.path(path).with_suffix(".pdf"))):
+      buffer = io.BytesIO()
+      fig.savefig(buffer, format=fmt, dpi=DPI)
+      files.write_bytes(target, buffer.getvalue())
   pyplot().close(fig)

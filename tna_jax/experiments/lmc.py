@@ -272,7 +272,19 @@ def write_outputs(run: runtime.Run, config, results: dict, init_variables: dict,
     run.save(f"{variant}_1_aligned", variables)
     run.save(f"{variant}_perms", result.perms)
   title = f"LMC: {config.model.name} on {config.dataset}"
-  reporting.plot_curves(run.path("lmc_curves.png"), results["alphas"], results["curves"], title)
+  labels = curve_labels(config, results["curves"])
+  reporting.plot_curves(run.path("lmc_curves.png"), results["alphas"], results["curves"], title, labels)
   if aligned:
     reporting.plot_curves(run.path("lmc_curves_aligned.png"), results["alphas"], results["aligned_curves"],
-                          f"{title}, model 1 aligned by {config.align} matching")
+                          f"{title}, model 1 aligned by {config.align} matching", labels)
+
+
+def curve_labels(config, names) -> dict[str, str]:
+  """Curve names ('tna (reset BN) +REPAIR') as a reader reads them: the variant spelled out
+  with its ratio ('TNA-PFN (40 % fixed) (reset BN) +REPAIR')."""
+  labels = {}
+  for name in names:
+    variant, _, rest = name.partition(" ")
+    spelled = reporting.variant_label(variant, config.mask.fixed_fraction, config.pruning_fraction)
+    labels[name] = f"{spelled} {rest}".strip()
+  return labels
