@@ -351,3 +351,24 @@ def test_augment_same_key_same_result():
 def test_augment_rejects_negative_padding():
   with pytest.raises(ConfigError, match="crop_padding"):
     data.augment(jax.random.key(0), _batch(), flip=False, crop_padding=-1)
+
+
+def test_fashion_mnist_through_tfds_only_on_explicit_opt_in(tmp_path, no_network, monkeypatch):
+  import tensorflow_datasets as tfds  # pylint: disable=g-import-not-at-top
+
+  monkeypatch.setattr(data, "FASHION_MNIST_DIR", str(tmp_path / "no_debian_package"))
+  monkeypatch.delenv(data.DOWNLOAD_ENV, raising=False)
+  with pytest.raises(DataNotFoundError, match="apt-get install"):
+    data.load_dataset("fashion_mnist")
+  downloads, real_builder = [], tfds.builder
+
+  def builder(name, data_dir=None, **kwargs):  # stands in for the network: prepares fake examples
+    if kwargs.get("file_format") == "array_record":
+      downloads.append(name)
+      prepare_fake_tfds(name, tmp_path / "tfds")
+    return real_builder(name, data_dir=str(tmp_path / "tfds"), **kwargs)
+
+  monkeypatch.setattr(tfds, "builder", builder)
+  monkeypatch.setenv(data.DOWNLOAD_ENV, "1")
+  ds = data.load_dataset("fashion_mnist")
+  assert downloads == ["fashion_mnist"] and ds.train_images.shape == (6, 28, 28, 1) and ds.num_classes == 10

@@ -25,6 +25,9 @@ TFDS_DATASET_NAMES = ("mnist", "cifar10", "cifar100")
 DATASET_NAMES = ("fashion_mnist",) + TFDS_DATASET_NAMES
 
 FASHION_MNIST_DIR = "/usr/share/datasets/fashion-mnist"  # Debian package dataset-fashion-mnist
+# Set to 1, Fashion-MNIST missing from FASHION_MNIST_DIR is downloaded through TFDS instead: an
+# explicit opt-in for places without the Debian package (the colabs offer it); never in tests.
+DOWNLOAD_ENV = "TNA_DOWNLOAD_DATA"
 _FASHION_MNIST_FILES = {
     "train_images": "train-images-idx3-ubyte",
     "train_labels": "train-labels-idx1-ubyte",
@@ -113,7 +116,12 @@ def load_dataset(
   """
   check_choice("dataset", name, DATASET_NAMES)
   if name == "fashion_mnist":
-    dataset = _load_fashion_mnist(data_dir or FASHION_MNIST_DIR)
+    try:
+      dataset = _load_fashion_mnist(data_dir or FASHION_MNIST_DIR)
+    except DataNotFoundError:
+      if data_dir or os.environ.get(DOWNLOAD_ENV) != "1":
+        raise
+      dataset = _load_tfds(name, "", download=True)
   else:
     dataset = _load_tfds(name, data_dir)
   if num_train is None and num_test is None:
@@ -202,8 +210,12 @@ def _load_fashion_mnist(data_dir: str) -> Dataset:
   )
 
 
-def _load_tfds(name: str, data_dir: str) -> Dataset:
-  """A prepared TFDS dataset, read through its random-access data source without TensorFlow."""
+def _load_tfds(name: str, data_dir: str, download: bool = False) -> Dataset:
+  """A prepared TFDS dataset, read through its random-access data source without TensorFlow.
+
+  With `download` (only the explicit DOWNLOAD_ENV opt-in for Fashion-MNIST), an unprepared
+  dataset is downloaded and prepared first; that needs the network and TensorFlow (Colab
+  has both)."""
   # Imported here: TFDS takes most of a second to import and logs through absl, which
   # Fashion-MNIST runs should not pay for.
   import tensorflow_datasets as tfds  # pylint: disable=g-import-not-at-top
@@ -211,6 +223,9 @@ def _load_tfds(name: str, data_dir: str) -> Dataset:
   # None lets TFDS use its own default ($TFDS_DATA_DIR or ~/tensorflow_datasets). Only the
   # builder is made here; nothing calls download_and_prepare, so nothing is downloaded.
   builder = tfds.builder(name, data_dir=data_dir or None)
+  if download and not builder.is_prepared():
+    builder = tfds.builder(name, data_dir=data_dir or None, file_format="array_record")
+    builder.download_and_prepare()
   rebuild = (
       "Prepare it on a machine with internet and TensorFlow (TFDS needs it to encode the "
       "images), in array_record format, which this machine reads without TensorFlow: "
