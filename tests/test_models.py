@@ -218,3 +218,38 @@ def test_bn_momentum_controls_every_bn_layer(resnet_bn):
     np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-5)
     num_layers += 1
   assert num_layers == 2 * (1 + 9 * 2 + 2)  # mean and var of every BN layer.
+
+
+@pytest.mark.parametrize("name", ["mlp", "cnn"])
+def test_torch_init_draws_from_pytorchs_documented_bounds(name):
+  """PyTorch's Linear/Conv defaults: weight and bias ~ U(-1/sqrt(fan_in), 1/sqrt(fan_in)),
+  fan_in = in_features (Linear) or in_channels * kh * kw (Conv)."""
+  model = models.get_model({"name": name, "depth": 2, "width": 256}, 10)
+  params = models.init_variables(model, jax.random.key(0), (28, 28, 1), "torch")["params"]
+  flax_params = models.init_variables(model, jax.random.key(0), (28, 28, 1))["params"]
+  for layer, leaves in params.items():
+    kernel = np.asarray(leaves["kernel"])
+    bound = 1 / np.sqrt(np.prod(kernel.shape[:-1]))
+    for values in (kernel, np.asarray(leaves["bias"])):
+      assert np.abs(values).max() <= bound and np.abs(values).max() > 0.9 * bound, layer
+    if kernel.size > 5000:  # a uniform's std is bound / sqrt(3)
+      assert kernel.std() == pytest.approx(bound / np.sqrt(3), rel=0.03), layer
+    assert not np.array_equal(kernel, flax_params[layer]["kernel"])
+
+
+def test_he_init_has_variance_two_over_fan_in_and_zero_bias():
+  model = models.get_model({"name": "mlp", "depth": 1, "width": 512}, 10)
+  params = models.init_variables(model, jax.random.key(0), (28, 28, 1), "he")["params"]
+  assert np.asarray(params["fc1"]["kernel"]).std() == pytest.approx(np.sqrt(2 / 784), rel=0.02)
+  assert not np.any(np.asarray(params["fc1"]["bias"]))
+
+
+def test_init_scheme_keeps_norm_layers_and_rejects_what_it_cannot_do():
+  model = models.get_model({"name": "resnet20", "width_multiplier": 0.25}, 10)
+  params = models.init_variables(model, jax.random.key(0), (8, 8, 3), "torch")["params"]
+  assert np.all(np.asarray(params["norm1"]["scale"]) == 1) and not np.any(np.asarray(params["norm1"]["bias"]))
+  with pytest.raises(ConfigError, match="model.init='xavier'.*flax, torch, he"):
+    models.init_variables(model, jax.random.key(0), (8, 8, 3), "xavier")
+  vit = models.get_model({"name": "vit", "patch_size": 7, "depth": 1, "width": 8, "num_heads": 2, "mlp_dim": 8}, 10)
+  with pytest.raises(ConfigError, match="model.init='torch'.*allows model.init='flax'"):
+    models.init_variables(vit, jax.random.key(0), (28, 28, 1), "torch")

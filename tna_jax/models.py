@@ -7,6 +7,7 @@ always `head`, which lets fusion code tell a model's body from its task head.
 """
 
 import functools
+import math
 from collections.abc import Callable, Mapping
 from typing import Any
 
@@ -16,8 +17,8 @@ import jax
 import jax.numpy as jnp
 import ml_collections
 
-from tna_jax import transformers
-from tna_jax.errors import check_choice
+from tna_jax import transformers, tree_utils
+from tna_jax.errors import ConfigError, check_choice
 
 NORMS = ("batchnorm", "layernorm", "none")
 
@@ -192,10 +193,61 @@ def get_model(model_config: ml_collections.ConfigDict, num_classes: int) -> nn.M
   return cls(num_classes=num_classes, **fixed, **kwargs)
 
 
-def init_variables(model: nn.Module, key: jax.Array, input_shape: tuple[int, ...]) -> dict:
-  """Variables for inputs of shape `input_shape` (no batch axis), as a plain mutable dict."""
+def init_variables(model: nn.Module, key: jax.Array, input_shape: tuple[int, ...], scheme: str = "flax") -> dict:
+  """Variables for inputs of shape `input_shape` (no batch axis), as a plain mutable dict.
+
+  `scheme` (config `model.init`) picks the distribution of Dense and Conv weights, which sets
+  how large the vanilla barrier is: 'flax' (Flax's defaults: LeCun-normal kernels, zero
+  biases), 'torch' (PyTorch's defaults for Linear/Conv, which the paper's authors trained
+  with) or 'he' (He-normal kernels, zero biases). Norm layers start at scale 1, bias 0 in all.
+  """
+  check_choice("model.init", scheme, INIT_SCHEMES)
   x = jnp.zeros((1,) + tuple(input_shape), jnp.float32)
-  return flax.core.unfreeze(model.init(key, x, train=False))
+  variables = flax.core.unfreeze(model.init(key, x, train=False))
+  if scheme != "flax":
+    if model.__class__.__name__ not in INIT_MODELS:
+      raise ConfigError(f"model.init={scheme!r} is defined for {', '.join(sorted(INIT_MODELS))} only; "
+                        f"{model.__class__.__name__} allows model.init='flax'.")
+    variables["params"] = _redraw_weights(variables["params"], scheme, key)
+  return variables
+
+
+INIT_SCHEMES = ("flax", "torch", "he")
+INIT_MODELS = frozenset(cls.__name__ for cls, _, _ in _REGISTRY.values())  # layers are Dense/Conv/norms only
+
+
+def _redraw_weights(params: dict, scheme: str, key: jax.Array) -> dict:
+  """Dense/Conv kernels and their biases drawn anew by `scheme`, each leaf from its path's key.
+
+  A kernel's fan-in is the product of all its axes but the last (in_features for Dense,
+  kh * kw * in_channels for Conv, as PyTorch counts it). torch: kernel and bias
+  ~ U(-1/sqrt(fan_in), 1/sqrt(fan_in)) (kaiming_uniform with a=sqrt(5), and Linear/Conv's bias
+  init); he: kernel ~ N(0, 2/fan_in), bias 0. Norm scales and biases (modules without a
+  kernel) are left as drawn.
+  """
+
+  def redraw(module_path: str, module: dict) -> dict:
+    if "kernel" not in module:
+      return module
+    kernel = module["kernel"]
+    fan_in = math.prod(kernel.shape[:-1])
+    if scheme == "torch":
+      bound = 1.0 / math.sqrt(fan_in)
+      draw = lambda name, shape: jax.random.uniform(tree_utils.path_key(key, f"{module_path}/{name}"), shape,
+                                                    kernel.dtype, -bound, bound)
+      return {**module, **{name: draw(name, module[name].shape) for name in ("kernel", "bias") if name in module}}
+    std = math.sqrt(2.0 / fan_in)
+    he = std * jax.random.normal(tree_utils.path_key(key, f"{module_path}/kernel"), kernel.shape, kernel.dtype)
+    return {**module, "kernel": he, **({"bias": jnp.zeros_like(module["bias"])} if "bias" in module else {})}
+
+  def walk(tree: dict, prefix: str) -> dict:
+    out = {}
+    for name, value in tree.items():
+      path = f"{prefix}/{name}" if prefix else name
+      out[name] = redraw(path, walk(value, path)) if isinstance(value, dict) else value
+    return out
+
+  return walk(params, "")
 
 
 def has_batch_stats(variables: Mapping[str, Any]) -> bool:
