@@ -5,9 +5,12 @@ import os
 import subprocess
 import sys
 
+import jax
 import numpy as np
 import orbax.checkpoint as ocp
 import pytest
+
+from tna_jax import evaluate, saved_runs
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TINY = ["--config.num_train=1024", "--config.num_test=500", "--config.model.depth=2", "--config.model.width=64",
@@ -95,3 +98,23 @@ def test_dry_run_prints_the_plan_and_writes_nothing(tmp_path, config, models):
   if models:
     assert any(l.split()[:2] == ["models_trained_together", models] for l in result.stdout.splitlines())
   assert not (tmp_path / "run").exists()
+
+
+def test_load_run_restores_the_models_and_reproduces_the_curve_endpoints(tiny_run, tmp_path):
+  workdir, _ = tiny_run
+  run = saved_runs.load_run(workdir)
+  assert run.config.model.width == 64 and run.config.num_test == 500
+  assert [row["variant"] for row in run.summary] == ["vanilla", "tna", "pruning"]
+  assert set(run.models) == {f"{v}_{i}" for v in ("vanilla", "tna", "pruning") for i in (0, 1)}
+  assert {"mask", "init"} <= set(run.checkpoint_names) and "train" not in run.checkpoint_names
+  ds = run.dataset()
+  batches = evaluate.make_batches(ds.test_images, ds.test_labels, run.config.eval_batch_size)
+  for variant in ("vanilla", "tna"):
+    for i, end in ((0, 0), (1, -1)):
+      scores = evaluate.evaluate(evaluate.inference_fn(run.model), run.models[f"{variant}_{i}"], batches, ds.mean, ds.std)
+      assert float(scores["accuracy"]) == pytest.approx(run.curves[variant]["accuracy"][end], abs=1e-6)
+      assert float(scores["loss"]) == pytest.approx(run.curves[variant]["loss"][end], rel=1e-5)
+  assert 0 < sum(int(np.sum(leaf)) for leaf in jax.tree.leaves(run.masks["mask"])) < sum(
+      leaf.size for leaf in jax.tree.leaves(run.masks["mask"]))
+  with pytest.raises(saved_runs.RunNotFoundError, match="no finished run"):
+    saved_runs.load_run(tmp_path)
