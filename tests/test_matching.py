@@ -3,6 +3,7 @@ agree between the on-device (optax) and host (scipy) solvers."""
 
 import itertools
 
+import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -134,3 +135,32 @@ def test_benchmark_baseline_does_the_same_work():
   assert sweeps == result.iterations >= 2
   for p in spec.names:
     np.testing.assert_array_equal(perms[p], result.perms[p])
+
+
+class UserMLP(nn.Module):
+  """A user's own flax model: auto-named layers, no library conventions."""
+
+  @nn.compact
+  def __call__(self, x, train=False):
+    del train
+    x = x.reshape((x.shape[0], -1))
+    x = nn.relu(nn.Dense(24)(x))
+    x = nn.relu(nn.Dense(16)(x))
+    return nn.Dense(10)(x)
+
+
+def test_a_registered_user_model_is_aligned_by_weight_matching(monkeypatch):
+  monkeypatch.setattr(permutations, "_DESCRIPTIONS", dict(permutations._DESCRIPTIONS))  # registry restored after
+  model = UserMLP()
+  variables = {"params": model.init(jax.random.key(0), jnp.zeros((1, 8, 8, 1)))["params"]}
+  with pytest.raises(ConfigError, match="no permutation spec for model UserMLP"):
+    permutations.spec_for(model, variables)
+  permutations.register(UserMLP, lambda m: permutations.chain(["Dense_0", "Dense_1", "Dense_2"]))
+  spec = permutations.spec_for(model, variables)
+  assert dict(spec.sizes) == {"Dense_0": 24, "Dense_1": 16}
+  moved = permutations.permute_variables(spec, variables, permutations.random_permutations(spec, jax.random.key(3)))
+  aligned, result = matching.align("weight", model, variables, moved)
+  assert result.iterations >= 2
+  jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-6), aligned, variables)
+  x = jnp.asarray(np.random.default_rng(0).normal(size=(4, 8, 8, 1)), jnp.float32)
+  np.testing.assert_allclose(model.apply(moved, x), model.apply(variables, x), rtol=1e-5, atol=1e-6)

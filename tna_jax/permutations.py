@@ -194,9 +194,12 @@ class PermutationSpec:
     return tuple(unit for unit in self.units() if unit.name == name)
 
 
-def _chain(modules: Sequence[str]) -> Description:
+def chain(modules: Sequence[str]) -> Description:
   """A plain stack: each module's output units form a permutation named after it, read by
-  the next module; the last module (the head) writes unpermuted logits."""
+  the next module; the last module (the head) writes unpermuted logits.
+
+  The description of any MLP or plain conv stack, e.g. for a user's model registered with
+  `register(MyMLP, lambda m: chain(['Dense_0', 'Dense_1', 'Dense_2']))`."""
   layers, previous = [], None
   for module in modules[:-1]:
     layers.append(Layer(module, previous, module))
@@ -206,17 +209,17 @@ def _chain(modules: Sequence[str]) -> Description:
 
 
 def _describe_mlp(model: models.MLP) -> Description:
-  return _chain([f"fc{i + 1}" for i in range(model.depth)] + ["head"])
+  return chain([f"fc{i + 1}" for i in range(model.depth)] + ["head"])
 
 
 def _describe_cnn(model: models.CNN) -> Description:
   del model  # Fixed architecture.
-  return _chain(["conv1", "conv2", "conv3", "fc1", "head"])
+  return chain(["conv1", "conv2", "conv3", "fc1", "head"])
 
 
 def _describe_vgg(model: models.VGG) -> Description:
   num_convs = sum(layer != "M" for layer in model.layers)
-  return _chain([f"conv{i + 1}" for i in range(num_convs)] + ["fc1", "fc2", "head"])
+  return chain([f"conv{i + 1}" for i in range(num_convs)] + ["fc1", "fc2", "head"])
 
 
 def _describe_resnet20(model: models.ResNet20) -> Description:
@@ -300,8 +303,23 @@ _DESCRIPTIONS: dict[type, Callable[[Any], Description]] = {
 }
 
 
+def register(module_class: type[nn.Module], describe_fn: Callable[[Any], Description]) -> None:
+  """Makes weight and activation matching (and `spec_for`) work on a user's flax module.
+
+  `describe_fn(model)` returns the model's `Description`: its layers (`Layer` for
+  Dense/Conv/norm-like modules whose kernels are [..., in, out], `Leaves` for anything else)
+  and, per permutation, the modules whose outputs carry it. `chain` describes plain stacks.
+  `spec_for` checks the description against the model's variables, so a wrong one fails
+  loudly instead of permuting the wrong axes. A class registered here takes precedence over
+  the built-in descriptions of its base classes.
+  """
+  _DESCRIPTIONS[module_class] = describe_fn
+
+
 def describe(model: nn.Module) -> Description:
   """The model's description (layers and activation sites)."""
+  if type(model) in _DESCRIPTIONS:
+    return _DESCRIPTIONS[type(model)](model)
   for cls, fn in _DESCRIPTIONS.items():
     if isinstance(model, cls):
       return fn(model)
