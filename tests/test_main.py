@@ -45,7 +45,8 @@ def test_lmc_run_prints_the_table_and_writes_results(tiny_run):
   assert (workdir / "lmc_curves.png").stat().st_size > 10_000 and (workdir / "lmc_curves.pdf").read_bytes()[:5] == b"%PDF-"
   lines = (workdir / "metrics.jsonl").read_text().splitlines()
   assert len(lines) == 1 and len(json.loads(lines[0])["test_accuracy"]) == 6
-  assert any((workdir / "tensorboard" / "train").iterdir()), "TensorBoard event file missing"
+  for phase in ("train", "lmc"):  # per-epoch scalars; the curves, the table and hparams
+    assert any((workdir / "tensorboard" / phase).iterdir()), f"TensorBoard event file of {phase} missing"
   assert (workdir / "results.json").stat().st_mode & 0o777 == 0o644 and "NaN" not in (workdir / "results.json").read_text()
   assert not (workdir / ".lock").exists() and (workdir / "config.json").exists()
 

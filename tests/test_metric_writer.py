@@ -73,3 +73,18 @@ def test_non_finite_values_are_written_as_null(tmp_path):
   text = (tmp_path / "metrics.jsonl").read_text()
   assert "NaN" not in text and "Infinity" not in text
   assert metric_writer.read_jsonl(str(tmp_path / "metrics.jsonl"))[0]["acc"] == [1.0, None]
+
+
+def test_lmc_curves_table_and_hparams_reach_tensorboard(tmp_path):
+  writer = metric_writer.MetricWriter(str(tmp_path))
+  curves = {"vanilla": {"loss": [0.5, 0.9, 0.6], "accuracy": [0.9, 0.7, 0.88]}}
+  writer.write_curves("lmc", [0.0, 0.5, 1.0], curves, table="    a table",
+                      hparams={"mask": {"fixed_fraction": 0.4, "include": ""}, "variants": "vanilla,tna", "x": [1]},
+                      results={"loss_barrier/vanilla/raw": 0.35})
+  writer.close()
+  events, _ = _events(str(tmp_path), "lmc")
+  assert events["lmc_loss/vanilla"] == [(0, 0.5), (50, np.float32(0.9)), (100, np.float32(0.6))]
+  assert [step for step, _ in events["lmc_accuracy/vanilla"]] == [0, 50, 100]
+  assert events["loss_barrier/vanilla/raw"] == [(0, np.float32(0.35))] and "summary/text_summary" in events
+  assert {"_hparams_/experiment", "_hparams_/session_start_info"} <= set(events)
+  assert not (tmp_path / "metrics.jsonl").exists()  # TensorBoard only: results.json holds the curves

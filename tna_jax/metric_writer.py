@@ -22,7 +22,7 @@ from typing import Mapping, Sequence
 
 import numpy as np
 
-from tna_jax import files, sharding
+from tna_jax import files, sharding, workdir
 
 
 class MetricWriter:
@@ -66,13 +66,49 @@ class MetricWriter:
     if sharding.is_writer():
       files.write_text(self.path, "".join(json.dumps(r, allow_nan=False) + "\n" for r in self._records))
 
-  def _to_tensorboard(self, phase: str, step: int, metrics: Mapping[str, object], names: list[str]) -> None:
+  def write_curves(self, phase: str, alphas: Sequence[float], curves: Mapping[str, Mapping[str, Sequence[float]]],
+                   table: str = "", hparams: Mapping[str, object] | None = None,
+                   results: Mapping[str, float] | None = None) -> None:
+    """TensorBoard only (results.json holds the same): LMC curves, their table, hparams.
+
+    Run `phase` gets each curve's loss and accuracy against alpha (tags `lmc_loss/<curve>`,
+    `lmc_accuracy/<curve>`; the step is alpha in percent, TensorBoard's x-axis being an
+    integer), `table` as a markdown text, and the HPARAMS tab pairs the run's `hparams`
+    (config keys to scalars or strings) with `results` (e.g. each variant's barrier), so
+    runs of a sweep can be compared there.
+    """
+    if not self._tensorboard:
+      return
+    board, local = self._board(phase)
+    percents = [int(round(100 * float(a))) for a in alphas]
+    for name, curve in curves.items():
+      for key in ("loss", "accuracy"):
+        for step, value in zip(percents, curve[key]):
+          board.add_scalar(f"lmc_{key}/{name}", float(value), step)
+    if table:
+      board.add_text("summary", table)
+    hparams = {k: v for k, v in workdir.flat(dict(hparams or {})).items() if isinstance(v, (bool, int, float, str))}
+    if hparams:
+      # add_hparams would open a second writer on a new run (one event file per writer and
+      # second); the same summaries go into this phase's own event file instead.
+      for summary in _tensorboardx().summary.hparams(dict(hparams), dict(results or {})):
+        board._get_file_writer().add_summary(summary)  # pylint: disable=protected-access
+      for key, value in (results or {}).items():
+        board.add_scalar(key, float(value), 0)
+    board.flush()
+    self._mirror(phase, local)
+
+  def _board(self, phase: str):
+    """The tensorboardX writer of `phase` (created on first use) and its local directory."""
     board, local, purge = self._boards.get(phase, (None, "", 1))
     if board is None:
-      from tensorboardX import SummaryWriter  # pylint: disable=g-import-not-at-top  (heavy; only when logging)
       local = tempfile.mkdtemp(prefix=f"tna_tb_{phase}_")
-      board = SummaryWriter(local, purge_step=purge if purge > 1 else None)
+      board = _tensorboardx().SummaryWriter(local, purge_step=purge if purge > 1 else None)
       self._boards[phase] = (board, local, purge)
+    return board, local
+
+  def _to_tensorboard(self, phase: str, step: int, metrics: Mapping[str, object], names: list[str]) -> None:
+    board, local = self._board(phase)
     for key, value in metrics.items():
       values = np.asarray(value, np.float64) if _numeric(value) else None
       if values is None:
@@ -88,8 +124,9 @@ class MetricWriter:
   def _mirror(self, phase: str, local: str) -> None:
     """Copies this session's event file of `phase` whole into the workdir."""
     for name in os.listdir(local):
-      with open(os.path.join(local, name), "rb") as f:
-        files.write_bytes(self._tensorboard_dir / phase / name, f.read())
+      if os.path.isfile(os.path.join(local, name)):
+        with open(os.path.join(local, name), "rb") as f:
+          files.write_bytes(self._tensorboard_dir / phase / name, f.read())
 
   def _close_board(self, phase: str) -> None:
     board, local, _ = self._boards.pop(phase, (None, "", 1))
@@ -101,6 +138,14 @@ class MetricWriter:
   def close(self) -> None:
     for phase in list(self._boards):
       self._close_board(phase)
+
+
+def _tensorboardx():
+  """tensorboardX, imported on first use: it takes seconds to import, which runs with
+  TensorBoard off (and `main --help`) should not pay."""
+  import tensorboardX  # pylint: disable=g-import-not-at-top
+  import tensorboardX.summary  # pylint: disable=g-import-not-at-top
+  return tensorboardX
 
 
 def _numeric(value: object) -> bool:

@@ -271,6 +271,13 @@ def write_outputs(run: runtime.Run, config, results: dict, init_variables: dict,
   for variant, (variables, result) in aligned.items():
     run.save(f"{variant}_1_aligned", variables)
     run.save(f"{variant}_perms", result.perms)
+  rows = results["summary"]
+  run.writer.write_curves(
+      "lmc", results["alphas"],
+      {**results["curves"], **{f"{k} aligned": v for k, v in results.get("aligned_curves", {}).items()}},
+      table="    " + reporting.format_table(rows, TABLE_COLUMNS).replace("\n", "\n    "),  # a markdown code block
+      hparams=config.to_dict(), results={f"{key}/{row['variant']}/{row['curve']}": row[key] for row in rows
+               for key in ("loss_barrier", "accuracy_barrier_pp")})
   title = f"LMC: {config.model.name} on {config.dataset}"
   labels = curve_labels(config, results["curves"])
   reporting.plot_curves(run.path("lmc_curves.png"), results["alphas"], results["curves"], title, labels)
