@@ -1,3 +1,81 @@
-"""tna_jax: training-time neuron alignment (TNA-PFN), linear mode connectivity and fusion."""
+"""tna_jax: training-time neuron alignment (TNA-PFN), linear mode connectivity and fusion.
+
+`import tna_jax as tj` gives the verbs of a study in one namespace:
+
+    ds = tj.load_dataset("fashion_mnist")                     # data and models
+    model = tj.get_model({"name": "mlp", "depth": 2, "width": 256}, ds.num_classes)
+    init = tj.init_variables(model, jax.random.key(0), ds.image_shape)
+    mask = tj.fixed_mask(init["params"], 0.4, seed=0)          # TNA-PFN: True = held at init
+    tx = tj.make_optimizer({"name": "sgd", "learning_rate": 0.1}, total_steps=...)  # ends in tj.freeze()
+    states, history = tj.fit(model, tx, tj.stack([tj.init_train_state(tx, init, mask)] * 2), [1, 2], ds, ...)
+    curve = tj.lmc_curve(model, a, b, alphas, batches, ds.mean, ds.std)   # or score_fn=...
+    tj.barriers(alphas, curve["loss"], curve["accuracy"])
+
+plus alignment (`align`, `weight_matching`, `register_permutation_spec`, `repair`), soups
+(`uniform_soup`, `greedy_soup`), the federated algorithms (`tj.federated`) and
+`load_run(workdir)` for a finished run. Each name is the library function itself (see its
+docstring); the submodules stay importable for everything else.
+
+Names resolve on first use (PEP 562), so `python -m tna_jax.main --help` and the CLI's
+error paths don't pay for importing JAX models, matching and TensorBoard up front.
+"""
+
+import importlib
+from typing import Any
 
 __version__ = "0.1.0"
+
+# public name -> (module, attribute in it)
+_EXPORTS: dict[str, tuple[str, str]] = {
+    # data and models
+    "load_dataset": ("tna_jax.data", "load_dataset"),
+    "make_batches": ("tna_jax.evaluate", "make_batches"),
+    "get_model": ("tna_jax.models", "get_model"),
+    "init_variables": ("tna_jax.models", "init_variables"),
+    # masks and the freeze transform
+    "fixed_mask": ("tna_jax.masks", "fixed_mask"),
+    "no_mask": ("tna_jax.masks", "no_mask"),
+    "prune": ("tna_jax.masks", "prune"),
+    "freeze": ("tna_jax.masks", "freeze"),
+    # the optimizer and training K stacked models
+    "make_optimizer": ("tna_jax.optim", "make_optimizer"),
+    "init_train_state": ("tna_jax.train", "init_train_state"),
+    "stack": ("tna_jax.train", "stack"),
+    "unstack": ("tna_jax.train", "unstack"),
+    "fit": ("tna_jax.train", "fit"),
+    # linear mode connectivity
+    "interpolate": ("tna_jax.lmc", "interpolate"),
+    "lmc_curve": ("tna_jax.lmc", "lmc_curve"),
+    "barriers": ("tna_jax.lmc", "barriers"),
+    # post-hoc alignment
+    "align": ("tna_jax.matching", "align"),
+    "weight_matching": ("tna_jax.matching", "weight_matching"),
+    "activation_matching": ("tna_jax.matching", "activation_matching"),
+    "permutation_spec": ("tna_jax.permutations", "spec_for"),
+    "register_permutation_spec": ("tna_jax.permutations", "register"),
+    "repair": ("tna_jax.repair", "repair"),
+    # fusion
+    "uniform_soup": ("tna_jax.soup", "uniform_soup"),
+    "greedy_soup": ("tna_jax.soup", "greedy_soup"),
+    # finished runs
+    "load_run": ("tna_jax.saved_runs", "load_run"),
+}
+_SUBPACKAGES = ("federated",)
+
+__all__ = sorted(_EXPORTS) + list(_SUBPACKAGES)
+
+
+def __getattr__(name: str) -> Any:
+  if name in _EXPORTS:
+    module, attribute = _EXPORTS[name]
+    value = getattr(importlib.import_module(module), attribute)
+  elif name in _SUBPACKAGES:
+    value = importlib.import_module(f"{__name__}.{name}")
+  else:
+    raise AttributeError(f"module 'tna_jax' has no attribute {name!r}")
+  globals()[name] = value  # resolved once
+  return value
+
+
+def __dir__() -> list[str]:
+  return sorted(set(globals()) | set(__all__))

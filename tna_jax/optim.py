@@ -6,6 +6,7 @@ before `masks.freeze`, so fixed entries get an update of exactly zero whatever t
 
 from typing import Any
 
+import ml_collections
 import optax
 
 from tna_jax import masks
@@ -35,8 +36,9 @@ def make_optimizer(opt_config: Any, total_steps: int) -> optax.GradientTransform
 
   opt_config fields: name (sgd | adam | adamw), learning_rate, momentum, nesterov,
   weight_decay (L2 added to the gradient for sgd/adam, decoupled for adamw), schedule,
-  warmup_steps, grad_clip (global norm, 0 = off).
+  warmup_steps, grad_clip (global norm, 0 = off); a plain dict works too.
   """
+  opt_config = ml_collections.ConfigDict(opt_config) if isinstance(opt_config, dict) else opt_config
   name = opt_config.name
   check_choice("optimizer.name", name, OPTIMIZERS)
   lr = make_schedule(opt_config.learning_rate, opt_config.get("schedule", "constant"), total_steps,
