@@ -26,6 +26,11 @@ def config_dir() -> pathlib.Path:
   return pathlib.Path(__file__).resolve().parent.parent / "configs"
 
 
+def config_files() -> list[pathlib.Path]:
+  """The runnable config files: configs/*.py but default_finetune.py (the part soup and cold share)."""
+  return sorted(path for path in config_dir().glob("*.py") if path.stem != "default_finetune")
+
+
 def load_module(path: pathlib.Path) -> types.ModuleType:
   """A config file as a module (config files are loaded by path, never imported by name)."""
   spec = importlib.util.spec_from_file_location(f"_tna_config_{path.stem}", path)
