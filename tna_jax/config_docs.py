@@ -23,11 +23,12 @@ def load_configs() -> dict[str, object]:
   return {path.stem: config_lib.load_module(path).get_config() for path in paths}
 
 
-def describe(key: config_keys.Key) -> str:
-  """The meaning column: the meaning, then where the key applies."""
-  where = [f"model.name: {', '.join(key.models)}"] if key.models is not None else []
-  where += [key.condition] if key.condition else []
-  text = key.meaning + (f" (only {'; '.join(where)})" if where else "")
+def describe(key: config_keys.Key, experiment: str) -> str:
+  """The meaning column: the meaning, then where the key applies in `experiment`."""
+  condition = key.condition.get(experiment, "") if isinstance(key.condition, dict) else key.condition
+  where = [f"for model.name in {', '.join(key.models)}"] if key.models is not None else []
+  where += [f"when {condition}"] if condition else []
+  text = key.meaning + (f" (only {' and '.join(where)})" if where else "")
   return text.replace("|", "\\|")
 
 
@@ -51,7 +52,8 @@ def render() -> str:
               "|---" * (3 + len(files)) + "|"]
     for path in keys:
       key = declared.get(path)
-      meaning, allowed = (describe(key), config_keys.allowed(key).replace("|", "\\|")) if key else ("UNDECLARED", "?")
+      meaning, allowed = ((describe(key, experiment), config_keys.allowed(key).replace("|", "\\|")) if key
+                          else ("UNDECLARED", "?"))
       defaults = " | ".join(f"`{flat[path]!r}`" if path in flat else "" for flat in files.values())
       lines.append(f"| `{path}` | {meaning} | {allowed} | {defaults} |")
     lines.append("")

@@ -51,7 +51,7 @@ class Key:
     form: for free text, what it holds ('regex' is compiled to check it), for the docs.
     models: the `model.name`s that read it (None: it does not depend on the model).
     applies: whether it changes what a config does, given the other keys (None: always).
-    condition: `applies` in words, for the docs.
+    condition: `applies` in words, for the docs (by experiment where it differs).
     optional: configs may leave it out.
   """
 
@@ -70,7 +70,7 @@ class Key:
   form: str = ""
   models: tuple[str, ...] | None = None
   applies: Callable[[Any], bool] | None = None
-  condition: str = ""
+  condition: str | dict[str, str] = ""
   optional: bool = False
 
 
@@ -97,6 +97,21 @@ def _fed_algorithm(attribute: str) -> Callable[[Any], bool]:
   return lambda config: any(getattr(algorithms.parse(n), attribute) for n in config.algorithms.split(",") if n.strip())
 
 
+_FED_MASK_USED = "an algorithm is fedpfn or fedpnu"
+_MASK_FRACTION_USED = {"lmc": "variants has tna", "soup": "variants has tna", "cold": "variants has tna",
+                       "fed": _FED_MASK_USED}
+_MASK_USED = {**_MASK_FRACTION_USED, "lmc": "variants has tna or pruning"}
+
+
+def _mask_used(config) -> bool:
+  """Whether some model trains with the mask (lmc's pruning variant draws its mask with these keys too)."""
+  return _fed_algorithm("masked")(config) if config.experiment == "fed" else _variant("tna", "pruning")(config)
+
+
+def _mask_fraction_used(config) -> bool:
+  return _fed_algorithm("masked")(config) if config.experiment == "fed" else _variant("tna")(config)
+
+
 def _is(path: str, *values) -> Callable[[Any], bool]:
   return lambda config: _get(config, path) in values
 
@@ -111,9 +126,7 @@ def _get(config, path: str) -> Any:
 
 _FINETUNE_MODELS = models.MODEL_NAMES + transformers.MODEL_NAMES
 _MODELS_OF = {"lmc": models.MODEL_NAMES, "fed": models.MODEL_NAMES, "soup": _FINETUNE_MODELS, "cold": _FINETUNE_MODELS}
-_LMC_MASK = dict(experiments=LMC, applies=_variant("tna", "pruning"), condition="variants has tna or pruning")
-_FINETUNE_MASK = dict(experiments=FINETUNE, applies=_variant("tna"), condition="variants has tna")
-_FED_MASK = dict(experiments=FED, applies=_fed_algorithm("masked"), condition="an algorithm is fedpfn or fedpnu")
+_MASK = dict(applies=_mask_used, condition=_MASK_USED)
 _PRETRAIN = dict(experiments=FINETUNE, applies=_is("base.source", "pretrain"), condition="base.source = pretrain")
 
 _OPTIMIZER = (
@@ -165,20 +178,19 @@ KEYS: tuple[Key, ...] = (
     Key("checkpoint.every_minutes", float, "also checkpoint when this many minutes passed since the last save; "
         "0 = off", low=0),
     Key("checkpoint.keep", int, "checkpoints kept per phase", low=1),
+    Key("mask.fixed_fraction", float, "fraction of entries held at their initial values (the paper's mask ratio)",
+        low=0, high=1, high_open=True, applies=_mask_fraction_used, condition=_MASK_FRACTION_USED),
+    Key("mask.granularity", str, "fix single weights or whole output units", choices=masks.GRANULARITIES, **_MASK),
+    Key("mask.include", str, "regex on parameter paths (e.g. 'fc1/kernel'; 'lora' = the LoRA adapters); only matches "
+        "are eligible; '' = all", form="regex", **_MASK),
+    Key("mask.exclude", str, "regex on parameter paths never fixed", form="regex", **_MASK),
+    Key("mask.seed", int, "seed of the mask, shared by every model", **_MASK),
     Key("overwrite", bool, "replace an earlier run in the workdir: the new run is built beside it and swapped in "
         "when complete; the old one is kept as WORKDIR.previous-TIME"),
     # lmc
     Key("num_models", int, "models per variant trained together; the LMC pair is models 0 and 1", experiments=LMC,
         low=2),
     Key("variants", str, "comma-separated variants to train", experiments=LMC, item=str, choices=LMC_VARIANTS),
-    Key("mask.fixed_fraction", float, "fraction of entries held at their initial values (the paper's mask ratio)",
-        low=0, high=1, high_open=True, experiments=LMC, applies=_variant("tna"), condition="variants has tna"),
-    Key("mask.granularity", str, "fix single weights or whole output units", choices=masks.GRANULARITIES,
-        **_LMC_MASK),
-    Key("mask.include", str, "regex on parameter paths (e.g. 'fc1/kernel'); only matches are eligible; '' = all",
-        form="regex", **_LMC_MASK),
-    Key("mask.exclude", str, "regex on parameter paths never fixed", form="regex", **_LMC_MASK),
-    Key("mask.seed", int, "seed of the mask, shared by every model", **_LMC_MASK),
     Key("pruning_fraction", float, "fraction zeroed at init and kept zero by the pruning variant", experiments=LMC,
         low=0, high=1, high_open=True, applies=_variant("pruning"), condition="variants has pruning"),
     Key("num_epochs", int, "training epochs", experiments=LMC, low=1),
@@ -225,14 +237,6 @@ KEYS: tuple[Key, ...] = (
       for key in _OPTIMIZER),
     Key("variants", str, "comma-separated variants to fine-tune: without and with one shared TNA-PFN mask",
         experiments=FINETUNE, item=str, choices=FINETUNE_VARIANTS),
-    Key("mask.fixed_fraction", float, "fraction of entries held at their initial values (the paper's mask ratio)",
-        low=0, high=1, high_open=True, **_FINETUNE_MASK),
-    Key("mask.granularity", str, "fix single weights or whole output units", choices=masks.GRANULARITIES,
-        **_FINETUNE_MASK),
-    Key("mask.include", str, "regex on parameter paths; only matches are eligible; '' = all; 'lora' = anchors among "
-        "the LoRA adapters only", form="regex", **_FINETUNE_MASK),
-    Key("mask.exclude", str, "regex on parameter paths never fixed", form="regex", **_FINETUNE_MASK),
-    Key("mask.seed", int, "seed of the mask, shared by every model", **_FINETUNE_MASK),
     Key("finetune.trainable", str, "regex of parameters that train ('' = all; 'lora|head' = LoRA fine-tuning)",
         experiments=FINETUNE, form="regex"),
     Key("split.start", int, "fine-tuning data: training examples [start, start + num_train)", experiments=("soup",),
@@ -278,16 +282,8 @@ KEYS: tuple[Key, ...] = (
         form=f"{', '.join(algorithms.BASES)} with +{', +'.join(algorithms.MODIFIERS)}"),
     Key("prox_mu", float, "FedProx proximal weight", experiments=FED, low=0, applies=_fed_algorithm("prox"),
         condition="an algorithm has the proximal term"),
-    Key("mask.fixed_fraction", float, "fraction of entries clients hold fixed (the paper's mask ratio)", low=0,
-        high=1, high_open=True, **_FED_MASK),
-    Key("mask.granularity", str, "fix single weights or whole output units", choices=masks.GRANULARITIES,
-        **_FED_MASK),
-    Key("mask.include", str, "regex on parameter paths; only matches are eligible; '' = all", form="regex",
-        **_FED_MASK),
-    Key("mask.exclude", str, "regex on parameter paths never fixed", form="regex", **_FED_MASK),
-    Key("mask.seed", int, "seed of the mask", **_FED_MASK),
     Key("mask.redraw", str, "one mask for the run, or a new one every round", choices=algorithms.MASK_REDRAW,
-        **_FED_MASK),
+        experiments=FED, applies=_mask_used, condition=_FED_MASK_USED),
     Key("server.learning_rate", float, "server step on the weighted mean client update", experiments=FED, low=0,
         low_open=True),
     Key("server.momentum", float, "server momentum of fedavgm and '+m' algorithms", experiments=FED, low=0,
