@@ -13,7 +13,7 @@ from tna_jax import config_lib
 
 
 def get_config(arg=None):
-  config = config_lib.cold_config()
+  config = config_lib.defaults("cold")
   config.dataset = "glue"
   config.model.update(name="text_transformer", depth=4, width=256, num_heads=4, mlp_dim=1024, pool="gap",
                       lora_rank=8, lora_alpha=16.0)
@@ -23,4 +23,4 @@ def get_config(arg=None):
   config.cold.update(tasks="sst2,qnli,mnli,qqp", unseen_tasks="rte,mrpc", rounds=5, epochs_per_round=1,
                      examples_per_task=20000, max_len=128)
   config.num_test = 2000
-  return config_lib.apply_fusion_preset(config, arg)
+  return config_lib.apply_preset(config, arg)

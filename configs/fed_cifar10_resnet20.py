@@ -11,7 +11,7 @@ from tna_jax import config_lib
 
 
 def get_config(arg=None):
-  config = config_lib.fed_config()
+  config = config_lib.defaults("fed")
   config.dataset = "cifar10"
   config.model.name = "resnet20"
   config.model.norm = "batchnorm"
@@ -23,4 +23,4 @@ def get_config(arg=None):
   config.optimizer.update(name="sgd", learning_rate=0.1, momentum=0.9, weight_decay=5e-4)
   config.lr_decay_per_round = 0.99
   config.prox_mu = 0.01
-  return config_lib.apply_fed_preset(config, arg)
+  return config_lib.apply_preset(config, arg)

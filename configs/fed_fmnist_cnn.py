@@ -9,7 +9,7 @@ from tna_jax import config_lib
 
 
 def get_config(arg=None):
-  config = config_lib.fed_config()
+  config = config_lib.defaults("fed")
   config.model.name = "cnn"
   config.num_train = 4000  # the first 4000 training examples, split over the 20 clients
   config.num_test = 2000
@@ -18,4 +18,4 @@ def get_config(arg=None):
   config.batch_size = 32
   config.optimizer.learning_rate = 0.05
   config.checkpoint.every = 5
-  return config_lib.apply_fed_preset(config, arg)
+  return config_lib.apply_preset(config, arg)

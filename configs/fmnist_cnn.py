@@ -7,7 +7,7 @@ from tna_jax import config_lib
 
 
 def get_config(arg=None):
-  config = config_lib.lmc_config()
+  config = config_lib.defaults("lmc")
   config.model.name = "cnn"
   config.optimizer.learning_rate = 0.05
   config.num_epochs = 10

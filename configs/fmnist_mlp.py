@@ -7,7 +7,7 @@ from tna_jax import config_lib
 
 
 def get_config(arg=None):
-  config = config_lib.lmc_config()
+  config = config_lib.defaults("lmc")
   config.model.name = "mlp"
   config.model.depth = 4
   config.model.width = 512

@@ -14,11 +14,11 @@ from tna_jax import config_lib
 
 
 def get_config(arg=None):
-  config = config_lib.soup_config()
+  config = config_lib.defaults("soup")
   config.dataset = "cifar10"
   config.model.update(patch_size=4, depth=6, width=192, num_heads=3, mlp_dim=768, pool="gap")
   config.pretrain.update(start=0, num_train=25000, classes="0/1/2/3/4", num_epochs=30)
   config.split.update(start=25000, num_train=20000, num_heldout=5000)
   config.soup.update(num_models=12, lr_factors="0.3,1,3", epochs="5,10", augment="flip,crop,flip+crop",
                      crop_padding=4)
-  return config_lib.apply_fusion_preset(config, arg)
+  return config_lib.apply_preset(config, arg)

@@ -11,5 +11,5 @@ from tna_jax import config_lib
 
 
 def get_config(arg=None):
-  config = config_lib.soup_config()
-  return config_lib.apply_fusion_preset(config, arg)
+  config = config_lib.defaults("soup")
+  return config_lib.apply_preset(config, arg)

@@ -8,7 +8,7 @@ from tna_jax import config_lib
 
 
 def get_config(arg=None):
-  config = config_lib.lmc_config()
+  config = config_lib.defaults("lmc")
   config.dataset = "cifar10"
   config.model.name = "vgg11"
   config.model.width_multiplier = 1.0

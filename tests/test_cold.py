@@ -96,7 +96,7 @@ def test_unseen_tasks_do_not_enter_the_fused_base():
 
 
 def test_image_tasks_use_disjoint_examples_of_their_classes():
-  config = config_lib.cold_config()
+  config = config_lib.defaults("cold")
   config.cold.update(tasks="0/1,2+3/4", unseen_tasks="5/6/7", examples_per_task=50, start=100)
   source = data.load_dataset("fashion_mnist", num_train=2000, num_test=100)
   tasks = cold.image_tasks(config, source)
@@ -110,7 +110,7 @@ def test_image_tasks_use_disjoint_examples_of_their_classes():
 
 
 def test_cold_experiment_writes_results(tmp_path, capsys):
-  config = config_lib.apply_fusion_preset(config_lib.cold_config(), "quick")
+  config = config_lib.apply_preset(config_lib.defaults("cold"), "quick")
   config.model = ml_collections.ConfigDict(dict(name="mlp", depth=1, width=16))  # compiles fast
   config.base.source = "init"
   config.cold.update(tasks="0/1/2,3/4/5", unseen_tasks="6/7", examples_per_task=128, rounds=1)
@@ -139,7 +139,7 @@ def test_cold_experiment_writes_results(tmp_path, capsys):
     ({"cold.rounds": -1}, "cold.rounds=-1 must be >= 0"),
 ])
 def test_bad_cold_configs_are_named(overrides, match):
-  config = config_lib.cold_config()
+  config = config_lib.defaults("cold")
   for key, value in overrides.items():
     parent, _, leaf = key.rpartition(".")
     (config[parent] if parent else config)[leaf] = value
@@ -148,7 +148,7 @@ def test_bad_cold_configs_are_named(overrides, match):
 
 
 def test_glue_with_data_missing_is_a_clear_error(tmp_path):
-  config = config_lib.cold_config()
+  config = config_lib.defaults("cold")
   config.dataset, config.data_dir, config.base.source = "glue", str(tmp_path), "init"
   config.model.name = "text_transformer"
   config.cold.update(tasks="sst2", unseen_tasks="")

@@ -273,7 +273,7 @@ def test_unknown_algorithms_are_clear_errors(name, error):
 
 
 def _config(**overrides):
-  config = config_lib.apply_fed_preset(config_lib.fed_config(), "quick")
+  config = config_lib.apply_preset(config_lib.defaults("fed"), "quick")
   config.model.name, config.model.depth, config.model.width = "mlp", 1, 32
   config.num_train, config.num_test = 600, 300
   config.algorithms = "fedavg,fedpfn+m"

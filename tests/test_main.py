@@ -90,10 +90,15 @@ def test_bad_input_gives_one_clear_message_and_writes_nothing(tmp_path, flag, me
   assert not workdir.exists() or not any(workdir.iterdir())
 
 
-@pytest.mark.parametrize("config,models", [("configs/fmnist_mlp.py", "6"), ("configs/fed_fmnist_cnn.py:quick", None)])
-def test_dry_run_prints_the_plan_and_writes_nothing(tmp_path, config, models):
+@pytest.mark.parametrize("config,models,depth_shown", [("configs/fmnist_mlp.py", "6", True),
+                                                      ("configs/resnet20.py:quick", "6", False),
+                                                      ("configs/fed_fmnist_cnn.py:quick", None, False)])
+def test_dry_run_prints_the_keys_that_apply_and_the_plan_and_writes_nothing(tmp_path, config, models, depth_shown):
   result = run_main(config, tmp_path / "run", "--dry_run")
   assert result.returncode == 0, result.stderr[-2000:]
+  keys = [line.split(":")[0].strip() for line in result.stdout.splitlines() if ":" in line]
+  assert ("depth" in keys) == depth_shown  # model.depth: only models that read it (the MLP, not ResNet20 or the CNN)
+  assert "name" in keys and "batch_size" in keys
   for line in ("experiment", "parameters_per_model", "models_trained_together", "step_total_mib"):
     assert line in result.stdout
   if models:

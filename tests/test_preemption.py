@@ -187,7 +187,7 @@ BAD_INPUTS = {
     "non-numeric value": ([*LMC, "--config.num_epochs=abc"], "--config.num_epochs=abc"),
     "batch larger than the data": ([*LMC, "--config.batch_size=5000"], "batch_size=5000 is out of range"),
     "zero eval batch": ([*LMC, "--config.eval_batch_size=0"], "eval_batch_size=0 must be >= 1"),
-    "repeated variant": ([*LMC, "--config.variants=tna,tna"], "names a variant twice"),
+    "repeated variant": ([*LMC, "--config.variants=tna,tna"], "variants='tna,tna' names 'tna' twice"),
     "empty base.path": ([SOUP, "--config.base.source=orbax"], "needs base.path"),
     "corrupt base.path": ([SOUP, "--config.base.source=orbax", "--config.base.path={corrupt}"], "is corrupt"),
     "workdir is a file": ([*LMC], "is a file"),

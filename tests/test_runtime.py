@@ -11,7 +11,7 @@ import ml_collections
 import numpy as np
 import pytest
 
-from tna_jax import checkpoints, config_lib, files, lmc, reporting, runtime, workdir
+from tna_jax import checkpoints, config_keys, config_lib, files, lmc, reporting, runtime, workdir
 from tna_jax.errors import ConfigError
 from tna_jax.experiments import lmc as lmc_experiment
 
@@ -176,10 +176,10 @@ def test_results_are_strict_json_with_null_for_non_finite_values_and_mode_0644(t
 
 
 def test_checkpoint_keys_are_validated():
-  config = _config()
+  config = config_lib.defaults("lmc")
   config.checkpoint.keep = 0
   with pytest.raises(ConfigError, match="checkpoint.keep=0 must be >= 1"):
-    runtime.validate(config)
+    config_keys.validate(config)
 
 
 def test_jax_arrays_on_device_round_trip_through_step_checkpoints(tmp_path):

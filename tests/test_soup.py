@@ -131,7 +131,7 @@ def test_per_model_run_scales_the_learning_rate_and_stops_after_the_budget():
 
 
 def _tiny_soup_config(**overrides):
-  config = config_lib.apply_fusion_preset(config_lib.soup_config(), "quick")
+  config = config_lib.apply_preset(config_lib.defaults("soup"), "quick")
   config.model = ml_collections.ConfigDict(dict(name="mlp", depth=1, width=16))  # compiles fast; ViTs: test_transformers
   config.pretrain.update(num_train=512, batch_size=64)
   config.split.update(start=512, num_train=256, num_heldout=128)

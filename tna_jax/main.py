@@ -99,11 +99,13 @@ def main(argv) -> None:
 
 
 def print_plan(config) -> None:
-  """The --dry_run output: the config, then the plan as a two-column table."""
-  from tna_jax import plan  # pylint: disable=g-import-not-at-top
+  """The --dry_run output: the config keys that apply to its experiment and model, then the
+  plan as a two-column table."""
+  # Imported here: both load every experiment's libraries, and `main --help` stays fast.
+  from tna_jax import config_keys, plan  # pylint: disable=g-import-not-at-top
   experiments.get_experiment(config.experiment)  # an unknown experiment fails here, clearly
   rows = [{"what": k, "value": f"{v:.1f}" if isinstance(v, float) else str(v)} for k, v in plan.plan(config).items()]
-  print(config)
+  print(config_keys.applicable(config))
   print(reporting.format_table(rows, (("planned", "what", "s"), ("", "value", "s"))))
 
 

@@ -177,6 +177,8 @@ _REGISTRY: dict[str, tuple[type[nn.Module], tuple[str, ...], dict[str, Any]]] = 
 }
 
 MODEL_NAMES: tuple[str, ...] = tuple(_REGISTRY)
+# The model.* config keys each model reads, transformers included (config_keys: which keys apply to a model).
+KNOBS: dict[str, tuple[str, ...]] = {**{name: knobs for name, (_, knobs, _) in _REGISTRY.items()}, **transformers.KNOBS}
 
 
 def get_model(model_config: ml_collections.ConfigDict, num_classes: int) -> nn.Module:

@@ -35,7 +35,7 @@ import jax
 import numpy as np
 
 from tna_jax import checkpoints, files, metric_writer, reporting, sharding, workdir
-from tna_jax.errors import ConfigError, TnaError
+from tna_jax.errors import TnaError
 
 PyTree = Any
 
@@ -46,15 +46,6 @@ class DivergedError(TnaError):
   exit_code = 3
 
 
-def validate(config) -> None:
-  """Checks the `checkpoint` keys every experiment shares."""
-  cfg = config.checkpoint
-  for key, value, low in (("checkpoint.every", cfg.every, 1), ("checkpoint.keep", cfg.keep, 1),
-                          ("checkpoint.every_minutes", cfg.every_minutes, 0)):
-    if value < low:
-      raise ConfigError(f"{key}={value!r} must be >= {low}.")
-
-
 class Run:
   """One experiment's run in `workdir_path`; see the module docstring.
 
@@ -63,7 +54,6 @@ class Run:
   """
 
   def __init__(self, config, workdir_path: str, *, resumable: Sequence[str] = ()):
-    validate(config)
     self.config = config
     self._config_dict = files.jsonable(config.to_dict())
     self.plan = workdir.plan(workdir_path, self._config_dict, overwrite=config.overwrite, resumable=tuple(resumable))

@@ -215,6 +215,8 @@ _REGISTRY = {
     "text_transformer": (TextTransformer, ("vocab_size",) + _KNOBS),
 }
 MODEL_NAMES: tuple[str, ...] = tuple(_REGISTRY)
+# The model.* config keys each model reads (config_keys: which keys apply to a model).
+KNOBS: dict[str, tuple[str, ...]] = {name: knobs for name, (_, knobs) in _REGISTRY.items()}
 
 
 def get_model(model_config: ml_collections.ConfigDict, num_classes: int) -> nn.Module:

@@ -31,13 +31,12 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from tna_jax import (data, evaluate, models, optim, pretrained, reporting, runtime, soup, stacking, text_data, train,
-                     transformers)
-from tna_jax.errors import ConfigError, check_choice
+from tna_jax import (config_keys, data, evaluate, models, optim, pretrained, reporting, runtime, soup, stacking,
+                     text_data, train, transformers)
+from tna_jax.errors import ConfigError
 from tna_jax.experiments import soup as soup_experiment
 
 PyTree = Any
-DATASETS = data.DATASET_NAMES + ("glue",)
 ABSENT_CLASS_BIAS = -1e9
 
 
@@ -73,26 +72,7 @@ def planned_models(config) -> int:
 
 def validate(config) -> None:
   """Checks every value the run depends on before any data is read or file written."""
-  soup_experiment.validate_finetune(config)
-  check_choice("dataset", config.dataset, DATASETS)
-  text_model = config.model.name == "text_transformer"
-  if (config.dataset == "glue") != text_model:
-    raise ConfigError(f"model.name={config.model.name!r} does not fit dataset={config.dataset!r}: glue needs "
-                      "model.name='text_transformer', image datasets an image model.")
-  if config.dataset == "glue" and config.base.source == "pretrain":
-    raise ConfigError("base.source='pretrain' trains on an image dataset; for glue use 'init' or 'orbax'.")
-  contributors, unseen = task_specs(config)
-  for spec in contributors + unseen:
-    if config.dataset == "glue":
-      check_choice("cold.tasks (glue)", spec, tuple(text_data.GLUE_TASKS))
-    else:
-      pretrained.parse_groups(spec, 10_000)  # syntax only; class ranges are checked against the data
-  for key, low in (("rounds", 0), ("epochs_per_round", 1), ("examples_per_task", 1), ("max_len", 1)):
-    if config.cold[key] < low:
-      raise ConfigError(f"cold.{key}={config.cold[key]!r} must be >= {low}.")
-  if config.cold.examples_per_task < config.batch_size:
-    raise ConfigError(f"cold.examples_per_task={config.cold.examples_per_task} is smaller than "
-                      f"batch_size={config.batch_size}.")
+  config_keys.validate(config)
 
 
 # ----------------------------------------------------------------------------- tasks

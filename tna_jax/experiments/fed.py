@@ -22,8 +22,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from tna_jax import data, evaluate, masks, models, optim, reporting, runtime, sharding, stacking, train
-from tna_jax.errors import ConfigError, check_choice
+from tna_jax import config_keys, data, evaluate, models, optim, reporting, runtime, sharding, stacking, train
+from tna_jax.errors import ConfigError
 from tna_jax.federated import algorithms, client, partition
 
 # Keys that may change between a run and its resumption: they change no round of any algorithm.
@@ -54,32 +54,7 @@ def algorithms_of(config) -> list[algorithms.Algorithm]:
 
 def validate(config) -> None:
   """Checks every value the run depends on before any data is read or file written."""
-  check_choice("dataset", config.dataset, data.DATASET_NAMES)
-  check_choice("model.name", config.model.name, models.MODEL_NAMES)
-  check_choice("optimizer.name", config.optimizer.name, optim.OPTIMIZERS)
-  check_choice("partition.kind", config.partition.kind, partition.KINDS)
-  check_choice("mask.granularity", config.mask.granularity, masks.GRANULARITIES)
-  check_choice("mask.redraw", config.mask.redraw, algorithms.MASK_REDRAW)
-  algorithms_of(config)
-  if not 0.0 <= config.mask.fixed_fraction < 1.0:
-    raise ConfigError(f"mask.fixed_fraction={config.mask.fixed_fraction!r} is out of range; allowed: 0 <= "
-                      "mask.fixed_fraction < 1.")
-  if not 0.0 < config.client_fraction <= 1.0:
-    raise ConfigError(f"client_fraction={config.client_fraction!r} is out of range; allowed: 0 < client_fraction <= 1.")
-  for key, value, low in (("partition.num_clients", config.partition.num_clients, 1),
-                          ("num_rounds", config.num_rounds, 1), ("local_epochs", config.local_epochs, 1),
-                          ("batch_size", config.batch_size, 1), ("eval_every", config.eval_every, 1),
-                          ("final_rounds", config.final_rounds, 1),
-                          ("client_batch", config.client_batch, 0), ("eval_batch_size", config.eval_batch_size, 1)):
-    if value < low:
-      raise ConfigError(f"{key}={value!r} must be >= {low}.")
-  for key in ("prox_mu", "server.momentum"):
-    value = config.prox_mu if key == "prox_mu" else config.server.momentum
-    if value < 0:
-      raise ConfigError(f"{key}={value!r} must be >= 0.")
-  if not config.server.learning_rate > 0 or not config.lr_decay_per_round > 0:
-    raise ConfigError(f"server.learning_rate={config.server.learning_rate!r} and lr_decay_per_round="
-                      f"{config.lr_decay_per_round!r} must be > 0.")
+  config_keys.validate(config)
 
 
 def run(config, workdir: str) -> dict[str, Any]:

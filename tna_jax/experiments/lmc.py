@@ -24,11 +24,11 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from tna_jax import (data, evaluate, lmc, masks, matching, models, optim, permutations, reporting, runtime, sharding,
+from tna_jax import (config_keys, data, evaluate, lmc, masks, matching, models, optim, reporting, runtime, sharding,
                      train)
 from tna_jax.errors import ConfigError, check_choice
 
-VARIANTS = ("vanilla", "tna", "pruning")
+VARIANTS = config_keys.LMC_VARIANTS
 
 TABLE_COLUMNS = (
     ("variant", "variant", "s"),
@@ -47,7 +47,6 @@ ALIGNED_COLUMNS = (
     ("match iters", "match_iterations", "d"),
     ("match s", "match_seconds", ".2f"),
 )
-ALIGN_CHOICES = ("none",) + matching.METHODS
 
 
 def variants_of(config) -> tuple[str, ...]:
@@ -65,30 +64,7 @@ def variants_of(config) -> tuple[str, ...]:
 
 def validate(config) -> None:
   """Checks every value the run depends on before any data is read or file written."""
-  check_choice("dataset", config.dataset, data.DATASET_NAMES)
-  check_choice("model.name", config.model.name, models.MODEL_NAMES)
-  check_choice("optimizer.name", config.optimizer.name, optim.OPTIMIZERS)
-  check_choice("mask.granularity", config.mask.granularity, masks.GRANULARITIES)
-  for key, value in (("mask.fixed_fraction", config.mask.fixed_fraction), ("pruning_fraction", config.pruning_fraction)):
-    if not 0.0 <= value < 1.0:
-      raise ConfigError(f"{key}={value!r} is out of range; allowed: 0 <= {key} < 1.")
-  variants_of(config)
-  for key, value, low in (("num_models", config.num_models, 2), ("num_epochs", config.num_epochs, 1),
-                          ("batch_size", config.batch_size, 1), ("eval_batch_size", config.eval_batch_size, 1), ("lmc.num_alphas", config.lmc.num_alphas, 2),
-                          ("lmc.alpha_chunk", config.lmc.alpha_chunk, 0)):
-    if value < low:
-      raise ConfigError(f"{key}={value!r} must be >= {low}.")
-  for mode in config.lmc.bn_modes.split(","):
-    check_choice("lmc.bn_modes", mode, lmc.BN_MODES)
-  check_choice("align", config.align, ALIGN_CHOICES)
-  check_choice("repair", config.repair, (False, True))
-  if config.align != "none" or config.repair:  # Both need the model's permutation spec.
-    permutations.describe(models.get_model(config.model, num_classes=10))
-  check_choice("matching.solver", config.matching.solver, matching.SOLVERS)
-  for key, value in (("matching.max_iterations", config.matching.max_iterations),
-                     ("matching.batches", config.matching.batches), ("lmc.reset_batches", config.lmc.reset_batches)):
-    if value < 1:
-      raise ConfigError(f"{key}={value!r} must be >= 1.")
+  config_keys.validate(config)
 
 
 def planned_models(config) -> int:

@@ -26,12 +26,12 @@ import jax
 import numpy as np
 import optax
 
-from tna_jax import (data, evaluate, masks, models, optim, pretrained, reporting, runtime, soup, train,
+from tna_jax import (config_keys, data, evaluate, masks, models, optim, pretrained, reporting, runtime, soup, train,
                      transformers)
 from tna_jax.errors import ConfigError, check_choice
 
-VARIANTS = ("vanilla", "tna")
-AUGMENTATIONS = ("none", "flip", "crop", "flip+crop")
+VARIANTS = config_keys.FINETUNE_VARIANTS
+AUGMENTATIONS = config_keys.SOUP_AUGMENTATIONS
 
 SUMMARY_COLUMNS = (
     ("variant", "variant", "s"),
@@ -72,40 +72,9 @@ def planned_models(config) -> int:
   return config.soup.num_models * len(variants_of(config))
 
 
-def validate_finetune(config) -> None:
-  """Checks shared by `soup` and `cold`: model, base, mask, optimizer, counts."""
-  check_choice("model.name", config.model.name, models.MODEL_NAMES + transformers.MODEL_NAMES)
-  check_choice("base.source", config.base.source, pretrained.BASE_SOURCES)
-  if config.base.source in ("orbax", "big_vision_npz") and not config.base.path:
-    raise ConfigError(f"base.source={config.base.source!r} needs base.path (the checkpoint to start from).")
-  for opt in (config.optimizer, config.pretrain.optimizer):
-    check_choice("optimizer.name", opt.name, optim.OPTIMIZERS)
-    check_choice("optimizer.schedule", opt.schedule, optim.SCHEDULES)
-  check_choice("mask.granularity", config.mask.granularity, masks.GRANULARITIES)
-  if not 0.0 <= config.mask.fixed_fraction < 1.0:
-    raise ConfigError(f"mask.fixed_fraction={config.mask.fixed_fraction!r} is out of range; allowed: 0 <= f < 1.")
-  variants_of(config)
-  for key, value in (("batch_size", config.batch_size), ("eval_batch_size", config.eval_batch_size),
-                     ("pretrain.num_epochs", config.pretrain.num_epochs),
-                     ("pretrain.batch_size", config.pretrain.batch_size)):
-    if value < 1:
-      raise ConfigError(f"{key}={value!r} must be >= 1.")
-
-
 def validate(config) -> None:
   """Checks every value the run depends on before any data is read or file written."""
-  validate_finetune(config)
-  check_choice("dataset", config.dataset, data.DATASET_NAMES)
-  if config.soup.num_models < 2:
-    raise ConfigError(f"soup.num_models={config.soup.num_models!r} must be >= 2 (a soup needs ingredients).")
-  if min(parse_list("soup.lr_factors", config.soup.lr_factors, float)) <= 0:
-    raise ConfigError(f"soup.lr_factors={config.soup.lr_factors!r} must all be > 0.")
-  if min(parse_list("soup.epochs", config.soup.epochs, int)) < 1:
-    raise ConfigError(f"soup.epochs={config.soup.epochs!r} must all be >= 1.")
-  parse_list("soup.augment", config.soup.augment, str, AUGMENTATIONS)
-  for key in ("num_train", "num_heldout"):
-    if config.split[key] < 1:
-      raise ConfigError(f"split.{key}={config.split[key]!r} must be >= 1.")
+  config_keys.validate(config)
 
 
 def draw_hyperparameters(config) -> list[dict[str, Any]]:

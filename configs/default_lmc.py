@@ -1,0 +1,71 @@
+"""Defaults of the `lmc` experiment: vanilla vs TNA-PFN vs pruning-at-init, measured by LMC
+barriers (an MLP on the embedded Fashion-MNIST). Every lmc config starts from these.
+
+Meanings and allowed values of every key: docs/config_keys.md (from tna_jax/config_keys.py).
+
+python -m tna_jax.main --config=configs/default_lmc.py --workdir=workdirs/lmc
+"""
+
+import ml_collections
+
+from tna_jax import config_lib
+
+# The `quick` preset (alias `runlocal`): a tiny run for smoke tests and CI.
+QUICK = {"num_train": 2048, "num_test": 1000, "num_epochs": 1, "lmc.num_alphas": 5, "lmc.reset_batches": 2}
+
+
+def get_config(arg=None):
+  config = ml_collections.ConfigDict()
+  config.experiment = "lmc"
+  config.dataset = "fashion_mnist"
+  config.data_dir = ""  # '' = the Debian package's directory for fashion_mnist; a TFDS data_dir otherwise
+  config.num_train = 0  # 0 = all training examples; n = the first n (quick runs)
+  config.num_test = 0
+
+  config.model = ml_collections.ConfigDict(dict(
+      name="mlp",
+      depth=2,  # mlp: hidden layers
+      width=200,  # mlp: units per hidden layer
+      width_multiplier=1.0,  # resnet20, vgg*: channels times this
+      norm="batchnorm",  # resnet20: batchnorm | layernorm | none
+  ))
+
+  config.init_seed = 0  # one initialization shared by every model
+  config.data_seed = 1  # model i of a variant sees data order data_seed + i
+  config.num_models = 2  # models per variant; the LMC pair is models 0 and 1
+  config.variants = "vanilla,tna,pruning"
+  config.mask = ml_collections.ConfigDict(dict(
+      fixed_fraction=0.4,  # fraction of entries held at their initial values (the paper's mask ratio)
+      granularity="weight",  # weight | neuron
+      include="",  # regex on parameter paths ('Dense_0/kernel'); '' = all
+      exclude="",
+      seed=0,
+  ))
+  config.pruning_fraction = 0.4  # entries zeroed at init and kept zero by the 'pruning' variant
+
+  config.optimizer = ml_collections.ConfigDict(dict(
+      name="sgd", learning_rate=0.1, momentum=0.9, nesterov=False, weight_decay=5e-4, schedule="constant",
+      warmup_steps=0, grad_clip=0.0))
+  config.num_epochs = 10
+  config.batch_size = 128
+  config.eval_batch_size = 1000
+  config.augment = ml_collections.ConfigDict(dict(flip=False, crop_padding=0))  # the paper used none
+
+  config.lmc = ml_collections.ConfigDict(dict(
+      num_alphas=21,  # grid from 0 to 1, endpoints included
+      alpha_chunk=0,  # alphas evaluated at once; 0 = all on GPU/TPU, one at a time on CPU
+      bn_modes="raw,reset",  # BatchNorm models: interpolate running stats, and/or re-estimate them per alpha
+      reset_batches=20,  # training batches used to re-estimate BatchNorm statistics (and by REPAIR)
+  ))
+  # Post-hoc alignment: model 1 of each pair permuted onto model 0, every curve measured again.
+  config.align = "none"  # none | weight (Git Re-Basin weight matching) | activation (correlation matching)
+  config.repair = False  # also measure every curve with REPAIR (channel statistics rescaled at each alpha)
+  config.matching = ml_collections.ConfigDict(dict(
+      solver="auto",  # auto | hungarian (optax, on device) | scipy (host); auto = scipy on CPU, hungarian elsewhere
+      max_iterations=100,  # weight matching: at most this many coordinate-descent sweeps
+      seed=0,  # weight matching: order in which each sweep visits the permutations
+      batches=20,  # activation matching: training batches whose activations are correlated
+  ))
+  config.checkpoint = config_lib.checkpoint_config()
+  config.overwrite = False  # replace an earlier run (kept as WORKDIR.previous-* once the new one is complete)
+  return config_lib.apply_preset(config, arg)

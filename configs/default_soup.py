@@ -1,0 +1,33 @@
+"""Defaults of the `soup` experiment: K fine-tuned ViTs, uniform and greedy soups; the
+fine-tuning keys come from configs/default_finetune.py. Every soup config starts from these.
+
+Meanings and allowed values of every key: docs/config_keys.md (from tna_jax/config_keys.py).
+"""
+
+import ml_collections
+
+from tna_jax import config_lib
+
+# The `quick` preset (alias `runlocal`): a tiny run for smoke tests and CI.
+QUICK = {**config_lib.quick_overrides("finetune"), "split.start": 1024, "split.num_train": 512,
+         "split.num_heldout": 256, "soup.num_models": 3, "soup.epochs": "1"}
+
+
+def get_config(arg=None):
+  config = config_lib.defaults("finetune")
+  config.experiment = "soup"
+  config.split = ml_collections.ConfigDict(dict(
+      start=10000,  # fine-tuning data: training examples [start, start + num_train) ...
+      num_train=4000,
+      num_heldout=2000,  # ... and the next num_heldout, the held-out split that ranks models and greedy soups
+  ))
+  config.soup = ml_collections.ConfigDict(dict(
+      num_models=8,
+      # Each model draws one value of each list (seeded by hparam_seed); data order data_seed + k.
+      lr_factors="0.3,1,3",  # multiplies optimizer.learning_rate
+      epochs="2,4",
+      augment="none,flip",  # none | flip | crop | flip+crop
+      crop_padding=2,
+      hparam_seed=0,
+  ))
+  return config_lib.apply_preset(config, arg)
