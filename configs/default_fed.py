@@ -23,6 +23,7 @@ def get_config(arg=None):
   config.num_test = 0
   config.model = ml_collections.ConfigDict(dict(
       name="cnn",
+      init="flax",  # flax | torch (the authors' PyTorch defaults) | he: see docs/config_keys.md
       depth=2,  # mlp: hidden layers
       width=200,  # mlp: units per hidden layer
       width_multiplier=1,  # resnet20, vgg*: channels times this

@@ -152,6 +152,9 @@ KEYS: tuple[Key, ...] = (
         low=0),
     Key("num_test", int, "use only the first n test examples; 0 = all", low=0),
     Key("model.name", str, "architecture", experiments=TRAINED_FROM_SCRATCH, choices=models.MODEL_NAMES),
+    Key("model.init", str, "distribution of the Dense/Conv weights at initialization: flax (LeCun normal, zero "
+        "bias), torch (PyTorch's Linear/Conv defaults, as the paper's authors trained), he (He normal, zero bias); "
+        "it sets how large the vanilla barrier is", experiments=TRAINED_FROM_SCRATCH, choices=models.INIT_SCHEMES),
     Key("model.name", str, "architecture", experiments=FINETUNE, choices=_FINETUNE_MODELS),
     _model_knob("depth", "hidden layers (mlp) or encoder blocks (transformers)", int, low=0),
     _model_knob("width", "units per hidden layer (mlp) or token width (transformers)", int, low=1),

@@ -70,7 +70,7 @@ def run(config, workdir: str) -> dict[str, Any]:
     counts = partition.label_counts(dataset.train_labels, parts, dataset.num_classes)
     split = partition.summary(counts)
     model = models.get_model(config.model, dataset.num_classes)
-    variables = models.init_variables(model, jax.random.key(config.init_seed), dataset.image_shape)
+    variables = models.init_variables(model, jax.random.key(config.init_seed), dataset.image_shape, config.model.init)
     clients = client.pack(parts)
     spec = round_spec(config, len(parts))
     mesh = sharding.make_mesh(spec.client_batch or spec.clients_per_round, config.batch_size)

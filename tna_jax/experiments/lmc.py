@@ -84,7 +84,7 @@ def run(config, workdir: str) -> dict[str, Any]:
     dataset = data.load_dataset(config.dataset, config.data_dir, config.num_train or None, config.num_test or None)
     train.check_batch_size(config.batch_size, len(dataset.train_labels))
     model = models.get_model(config.model, dataset.num_classes)
-    variables = models.init_variables(model, jax.random.key(config.init_seed), dataset.image_shape)
+    variables = models.init_variables(model, jax.random.key(config.init_seed), dataset.image_shape, config.model.init)
     params = variables["params"]
     mask_args = dict(seed=config.mask.seed, granularity=config.mask.granularity, include=config.mask.include,
                      exclude=config.mask.exclude)
