@@ -326,7 +326,7 @@ def test_the_server_state_is_typed_and_continues_exactly_after_a_checkpoint(tmp_
     assert isinstance(state.hyper, algorithms.ClientHyper) and isinstance(state.server, algorithms.ServerHyper)
     assert state.optimizer == {"fedadam": "adam", "fedyogi": "yogi"}.get(name, "sgd")
     assert [x.dtype for x in jax.tree.leaves(state.hyper)] == [jnp.float32, jnp.int32, jnp.bool_, jnp.float32]
-    assert float(state.server.momentum) == (0.9 if name == "fedavgm" else 0.0)
+    assert state.server.momentum == np.float32(0.9 if name == "fedavgm" else 0.0)
   # FedAvg and FedAvgM share one server program: the same state structure.
   assert jax.tree.structure(states["fedavg"]) == jax.tree.structure(states["fedavgm"])
   adam = states["fedadam"]
