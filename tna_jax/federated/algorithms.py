@@ -112,6 +112,7 @@ class ServerState(flax.struct.PyTreeNode):
 
   @property
   def server_tx(self) -> optax.GradientTransformation:
+    """The server optimizer, built from the state's hyperparameters (traced inside a round)."""
     return SERVER_OPTIMIZERS[self.optimizer](self.server)
 
 
