@@ -382,11 +382,11 @@ def test_fed_run_writes_plots_and_summary_and_refuses_to_clobber(tmp_path):
 
 
 def test_bad_config_values_are_clear_errors_before_anything_is_written(tmp_path):
+  bad_server = ml_collections.ConfigDict({**config_lib.fed_config().server.to_dict(), "b2": 1.0})
   for overrides, match in ((dict(algorithms="fedavg,fedbogus"), "fedbogus"),
                            (dict(client_fraction=0.0), "client_fraction=0.0"),
                            (dict(num_rounds=0), "num_rounds=0 must be >= 1"),
-                           (dict(server=ml_collections.ConfigDict({**config_lib.fed_config().server.to_dict(), "b2": 1.0})),
-                            "server.b2=1.0 is out of range")):
+                           (dict(server=bad_server), "server.b2=1.0 is out of range")):
     with pytest.raises(ConfigError, match=match):
       fed.run(_config(**overrides), str(tmp_path / "bad"))
   assert not os.path.exists(tmp_path / "bad")
