@@ -38,8 +38,8 @@ def get_config(arg=None):
       min_client_size=10,  # dirichlet redraws until every client has this many examples; others raise
       seed=0,
   ))
-  # Comma-separated: fedavg, fedprox, fedpfn, fedpnu, fedavgm; '+prox' adds the proximal
-  # term, '+m' server momentum (e.g. fedpfn+prox).
+  # Comma-separated: fedavg, fedprox, fedpfn, fedpnu, fedavgm, fedadam, fedyogi; '+prox' adds the
+  # proximal term, '+m' server momentum (e.g. fedpfn+prox).
   config.algorithms = "fedavg,fedprox,fedpfn,fedpnu"
   config.prox_mu = 0.01  # FedProx (and '+prox') proximal weight
   config.mask = ml_collections.ConfigDict(dict(
@@ -48,8 +48,11 @@ def get_config(arg=None):
       redraw="fixed",  # fixed: one mask for the run | per_round: the server draws a new one every round
   ))
   config.server = ml_collections.ConfigDict(dict(
-      learning_rate=1.0,  # global step = learning_rate * (weighted mean client update, with momentum)
+      learning_rate=1.0,  # SGD servers: global step = learning_rate * (weighted mean client update, with momentum)
       momentum=0.9,  # server momentum of fedavgm and '+m' algorithms (FedAvgM); 0 elsewhere
+      # fedadam, fedyogi as Reddi et al. 2021 ("Adaptive Federated Optimization") run them: b2 0.99,
+      # adaptivity eps (their tau) 1e-3, a server learning rate from the low end of their best range.
+      adaptive_learning_rate=1e-2, b1=0.9, b2=0.99, eps=1e-3,
   ))
   config.num_rounds = 200
   config.client_fraction = 1.0  # clients sampled per round (uniformly, without replacement)

@@ -12,7 +12,7 @@ import numpy as np
 import optax
 import pytest
 
-from tna_jax import config_lib, masks, models, optim, train
+from tna_jax import checkpoints, config_lib, masks, models, optim, train
 from tna_jax import workdir as workdir_lib
 from tna_jax.errors import ConfigError
 from tna_jax.experiments import fed
@@ -140,10 +140,9 @@ def test_padding_and_group_size_do_not_change_a_round():
   np.testing.assert_allclose(one_metrics["loss"], grouped_metrics["loss"], rtol=1e-5)
   assert grouped_metrics["loss"].shape == (5,)
   # A client's update ignores how far its index row is padded (other clients' sizes).
-  hyper = {**state.hyper, "lr_scale": jnp.float32(1.0)}
   small, padded = client.pack(parts[:1]), client.pack([parts[0], np.arange(300)])
   outs = [jax.jit(client.make_local_update(model, tx, batch_size=32, local_epochs=1, max_size=d.max_size,
-                                           mean=MEAN, std=STD))(state.params, {}, state.mask, hyper, d.indices[0],
+                                           mean=MEAN, std=STD))(state.params, {}, state.mask, state.hyper, d.indices[0],
                                                                 d.sizes[0], jax.random.key(3), jnp.asarray(images),
                                                                 jnp.asarray(labels))
           for d in (small, padded)]
@@ -201,9 +200,8 @@ def test_fedpfn_never_moves_a_frozen_entry_on_any_client_nor_on_the_server():
   update = jax.jit(jax.vmap(client.make_local_update(model, tx, batch_size=32, local_epochs=2,
                                                      max_size=packed.max_size, mean=MEAN, std=STD),
                             in_axes=(None, None, None, None, 0, 0, 0, None, None)))
-  hyper = {**state.hyper, "lr_scale": jnp.float32(1.0)}
   keys = jax.vmap(lambda c: algorithms.client_key(0, 0, c))(jnp.arange(4))
-  client_params, _, _ = update(state.params, {}, state.mask, hyper, packed.indices, packed.sizes, keys,
+  client_params, _, _ = update(state.params, {}, state.mask, state.hyper, packed.indices, packed.sizes, keys,
                                jnp.asarray(images), jnp.asarray(labels))
   for before, after, fixed in zip(_leaves(variables["params"]), _leaves(client_params), _leaves(state.mask)):
     for k in range(4):
@@ -223,7 +221,7 @@ def test_fedpnu_trains_with_the_mask_then_with_its_reverse():
   model, variables, tx = _setup()
   spec = algorithms.MaskSpec(fixed_fraction=0.4, seed=5)
   state = algorithms.init(algorithms.parse("fedpnu"), variables, spec, local_epochs=2)
-  assert int(state.hyper["reverse_epoch"]) == 1  # int(2 / 2)
+  assert int(state.hyper.reverse_epoch) == 1  # int(2 / 2)
   after, _ = _round(model, tx, [np.arange(256)], local_epochs=2)(state, jnp.asarray(images), jnp.asarray(labels))
 
   epoch = jax.jit(train.make_epoch_fn(model, tx, batch_size=32, mean=MEAN, std=STD))
@@ -263,10 +261,91 @@ def test_mask_redrawn_each_round_and_clients_sampled_each_round():
 
 
 @pytest.mark.parametrize("name,error", [("fedsgd", "algorithm='fedsgd'"), ("fedpfn+momentum", "modifier"),
-                                        ("fedpfn+prox+prox", "repeats")])
+                                        ("fedpfn+prox+prox", "repeats"), ("fedadam+m", "SGD servers only")])
 def test_unknown_algorithms_are_clear_errors(name, error):
   with pytest.raises(ConfigError, match=error):
     algorithms.parse(name)
+
+
+# --- the server optimizer -----------------------------------------------------------------
+
+
+def _server_state(name, **server):
+  params = {"layer": {"kernel": jnp.asarray([[0.5, -1.0, 2.0], [0.0, 0.25, -0.75]], jnp.float32),
+                      "bias": jnp.asarray([0.1, -0.2, 0.3], jnp.float32)}}
+  return algorithms.init(algorithms.parse(name), {"params": params}, algorithms.MaskSpec(), local_epochs=1,
+                         server=algorithms.ServerHyper(**server))
+
+
+# Two rounds' weighted mean client updates (client params - global params), f32-exact values.
+MEAN_UPDATES = [{"layer": {"kernel": np.asarray([[0.01, -0.02, 0.0], [0.5, -0.125, 0.03]], np.float32),
+                           "bias": np.asarray([-0.004, 0.0, 0.25], np.float32)}},
+                {"layer": {"kernel": np.asarray([[-0.03, -0.01, 0.002], [0.25, 0.0625, -0.5]], np.float32),
+                           "bias": np.asarray([0.008, 0.0, -0.0625], np.float32)}}]
+
+
+def test_fedadam_server_step_equals_a_hand_computed_adam_step():
+  lr, b1, b2, eps = 0.03, 0.8, 0.95, 1e-3
+  state = _server_state("fedadam", adaptive_learning_rate=lr, b1=b1, b2=b2, eps=eps, learning_rate=5.0)
+  step = jax.jit(algorithms.server_step)
+  params = jax.tree.map(lambda p: np.asarray(p, np.float64), state.params)
+  m = v = jax.tree.map(np.zeros_like, params)
+  for t, update in enumerate(MEAN_UPDATES, start=1):
+    state = step(state, update)
+    g = jax.tree.map(lambda u: -np.asarray(u, np.float64), update)  # the pseudo-gradient
+    m = jax.tree.map(lambda m, g: b1 * m + (1 - b1) * g, m, g)
+    v = jax.tree.map(lambda v, g: b2 * v + (1 - b2) * g**2, v, g)
+    params = jax.tree.map(lambda p, m, v: p - lr * (m / (1 - b1**t)) / (np.sqrt(v / (1 - b2**t)) + eps), params, m, v)
+    _assert_trees_close(state.params, params, rtol=1e-6, atol=1e-7)
+  assert int(state.opt_state[0].count) == 2
+  # A zero pseudo-gradient entry never moves (frozen entries stay frozen under FedAdam too).
+  assert float(state.params["layer"]["bias"][1]) == np.float32(-0.2)
+
+
+def test_fedavg_and_fedavgm_server_steps_are_the_plain_arithmetic_bit_for_bit():
+  fedavg, fedavgm = _server_state("fedavg"), _server_state("fedavgm", learning_rate=0.7, momentum=0.9)
+  step = jax.jit(algorithms.server_step)
+  params, velocity = jax.tree.map(np.asarray, fedavg.params), jax.tree.map(np.zeros_like, MEAN_UPDATES[0])
+  momentum_params = params
+  for update in MEAN_UPDATES:
+    fedavg, fedavgm = step(fedavg, update), step(fedavgm, update)
+    params = jax.tree.map(np.add, params, update)  # FedAvg: the weighted mean of the clients' params
+    velocity = jax.tree.map(lambda v, u: np.float32(0.9) * v + u, velocity, update)
+    momentum_params = jax.tree.map(lambda p, v: p + np.float32(0.7) * v, momentum_params, velocity)
+    _assert_trees_equal(fedavg.params, params)
+    _assert_trees_equal(fedavgm.params, momentum_params)
+
+
+def test_the_server_state_is_typed_and_continues_exactly_after_a_checkpoint(tmp_path):
+  images, labels = _dataset(200)
+  model, variables, tx = _setup()
+  round_fn = _round(model, tx, partition.partition(labels, "iid", 3, seed=0), lr_decay=0.5)
+  states = {name: algorithms.init(algorithms.parse(name), variables, algorithms.MaskSpec(), local_epochs=1)
+            for name in ("fedavg", "fedavgm", "fedadam", "fedyogi")}
+  for name, state in states.items():
+    assert isinstance(state.hyper, algorithms.ClientHyper) and isinstance(state.server, algorithms.ServerHyper)
+    assert state.optimizer == {"fedadam": "adam", "fedyogi": "yogi"}.get(name, "sgd")
+    assert [x.dtype for x in jax.tree.leaves(state.hyper)] == [jnp.float32, jnp.int32, jnp.bool_, jnp.float32]
+    assert state.server.momentum == np.float32(0.9 if name == "fedavgm" else 0.0)
+  # FedAvg and FedAvgM share one server program: the same state structure.
+  assert jax.tree.structure(states["fedavg"]) == jax.tree.structure(states["fedavgm"])
+  adam = states["fedadam"]
+  assert jax.tree.structure(adam.opt_state[0].mu) == jax.tree.structure(adam.params)
+  for _ in range(2):
+    adam, _ = round_fn(adam, jnp.asarray(images), jnp.asarray(labels))
+  assert jax.tree.structure(adam) == jax.tree.structure(states["fedadam"])
+  assert float(adam.hyper.lr_scale) == 0.5 and int(adam.round) == 2 and int(adam.opt_state[0].count) == 2
+  # A restored state (the experiment's resume) continues bit for bit.
+  saved = checkpoints.StepCheckpoints(tmp_path / "ckpt")
+  saved.save(2, adam, {})
+  saved.wait()
+  restored, _ = saved.restore(2, states["fedadam"])
+  saved.close()
+  _assert_trees_equal(restored, adam)
+  after, restored_after = (round_fn(jax.tree.map(jnp.asarray, s), jnp.asarray(images), jnp.asarray(labels))[0]
+                           for s in (adam, restored))
+  _assert_trees_equal(restored_after, after)
+  assert not np.array_equal(_leaves(after.params)[0], _leaves(adam.params)[0])
 
 
 # --- the experiment -----------------------------------------------------------------------
@@ -303,9 +382,11 @@ def test_fed_run_writes_plots_and_summary_and_refuses_to_clobber(tmp_path):
 
 
 def test_bad_config_values_are_clear_errors_before_anything_is_written(tmp_path):
+  bad_server = ml_collections.ConfigDict({**config_lib.defaults("fed").server.to_dict(), "b2": 1.0})
   for overrides, match in ((dict(algorithms="fedavg,fedbogus"), "fedbogus"),
                            (dict(client_fraction=0.0), "client_fraction=0.0"),
-                           (dict(num_rounds=0), "num_rounds=0 must be >= 1")):
+                           (dict(num_rounds=0), "num_rounds=0 must be >= 1"),
+                           (dict(server=bad_server), "server.b2=1.0 is out of range")):
     with pytest.raises(ConfigError, match=match):
       fed.run(_config(**overrides), str(tmp_path / "bad"))
   assert not os.path.exists(tmp_path / "bad")

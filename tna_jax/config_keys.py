@@ -97,6 +97,13 @@ def _fed_algorithm(attribute: str) -> Callable[[Any], bool]:
   return lambda config: any(getattr(algorithms.parse(n), attribute) for n in config.algorithms.split(",") if n.strip())
 
 
+def _server_optimizer(*names: str) -> Callable[[Any], bool]:
+  return lambda config: any(algorithms.parse(n).server_optimizer in names for n in config.algorithms.split(",")
+                            if n.strip())
+
+
+_adaptive_server = _server_optimizer("adam", "yogi")
+_ADAPTIVE = "an algorithm is fedadam or fedyogi"
 _FED_MASK_USED = "an algorithm is fedpfn or fedpnu"
 _MASK_FRACTION_USED = {"lmc": "variants has tna", "soup": "variants has tna", "cold": "variants has tna",
                        "fed": _FED_MASK_USED}
@@ -287,10 +294,19 @@ KEYS: tuple[Key, ...] = (
         condition="an algorithm has the proximal term"),
     Key("mask.redraw", str, "one mask for the run, or a new one every round", choices=algorithms.MASK_REDRAW,
         experiments=FED, applies=_mask_used, condition=_FED_MASK_USED),
-    Key("server.learning_rate", float, "server step on the weighted mean client update", experiments=FED, low=0,
-        low_open=True),
-    Key("server.momentum", float, "server momentum of fedavgm and '+m' algorithms", experiments=FED, low=0,
-        applies=_fed_algorithm("server_momentum"), condition="an algorithm has server momentum"),
+    Key("server.learning_rate", float, "SGD servers (all but fedadam, fedyogi): step on the weighted mean client "
+        "update", experiments=FED, low=0, low_open=True, applies=_server_optimizer("sgd"),
+        condition="an algorithm has an SGD server"),
+    Key("server.momentum", float, "server momentum of fedavgm and '+m' algorithms", experiments=FED, low=0, high=1,
+        high_open=True, applies=_fed_algorithm("server_momentum"), condition="an algorithm has server momentum"),
+    Key("server.adaptive_learning_rate", float, "server learning rate of fedadam and fedyogi", experiments=FED,
+        low=0, low_open=True, applies=_adaptive_server, condition=_ADAPTIVE),
+    Key("server.b1", float, "fedadam, fedyogi: decay of the server's first moment", experiments=FED, low=0, high=1,
+        high_open=True, applies=_adaptive_server, condition=_ADAPTIVE),
+    Key("server.b2", float, "fedadam, fedyogi: decay of the server's second moment", experiments=FED, low=0, high=1,
+        high_open=True, applies=_adaptive_server, condition=_ADAPTIVE),
+    Key("server.eps", float, "fedadam, fedyogi: adaptivity tau added to the root of the second moment",
+        experiments=FED, low=0, low_open=True, applies=_adaptive_server, condition=_ADAPTIVE),
     Key("num_rounds", int, "communication rounds", experiments=FED, low=1),
     Key("client_fraction", float, "fraction of clients sampled per round (without replacement)", experiments=FED,
         low=0, high=1, low_open=True),

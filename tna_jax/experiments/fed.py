@@ -1,8 +1,8 @@
-"""The `fed` experiment: FedAvg, FedProx, FedPFN, FedPNU (and variants) under non-IID splits.
+"""The `fed` experiment: FedAvg, FedProx, FedPFN, FedPNU, FedAdam (and variants) under non-IID splits.
 
 Every algorithm starts from the same initialization and trains on the same partition, the
 same sampled clients and the same client data orders, one compiled program per round
-(`federated.algorithms.make_round`, shared by all algorithms). The global model is tested
+(`federated.algorithms.make_round`, shared by all algorithms with the same server optimizer). The global model is tested
 after every `eval_every` rounds: on the test set, and on the test set reweighted to each
 client's label mix (its local accuracy).
 
@@ -88,8 +88,7 @@ def run(config, workdir: str) -> dict[str, Any]:
     summaries, histories = [], {}
     for algorithm in algorithms_of(config):
       state = algorithms.init(algorithm, variables, spec.mask, local_epochs=config.local_epochs,
-                              prox_mu=config.prox_mu, server_learning_rate=config.server.learning_rate,
-                              server_momentum=config.server.momentum)
+                              prox_mu=config.prox_mu, server=algorithms.ServerHyper(**config.server))
       phase = run.phase(algorithm.name, total=config.num_rounds, unit="round")
       with run.timed(algorithm.name):
         histories[algorithm.name] = train_algorithm(phase, state, round_fn, train_set, evaluate_fn, config)

@@ -1,15 +1,21 @@
-"""FedAvg, FedProx, FedPFN and FedPNU as pure (init, round) functions over a server state.
+"""FedAvg, FedProx, FedPFN, FedPNU, FedAvgM, FedAdam and FedYogi as pure (init, round) functions
+over a server state.
 
-The four algorithms differ only in data, not in program: the mask clients hold fixed (all
-False for FedAvg/FedProx), the local epoch from which clients use its reverse (FedPNU),
-the proximal weight mu (FedProx) and the server's momentum (FedAvgM). All of it lives in
-`ServerState`, so one compiled round serves every algorithm of a comparison, and a state
-restored from a checkpoint carries everything needed to continue it exactly. A round is a
-pure function of the state: which clients take part, each client's data order and a
-redrawn mask all derive from seeds and `state.round`.
+The clients of these algorithms differ only in data, not in program: the mask they hold
+fixed (all False for FedAvg/FedProx), the local epoch from which they use its reverse
+(FedPNU) and the proximal weight mu (FedProx), typed in `ClientHyper`. The server treats
+minus the weighted mean client update as a gradient (the pseudo-gradient) and steps with
+an optax optimizer (Reddi et al. 2021, "Adaptive Federated Optimization"): SGD with
+learning rate 1 is FedAvg, SGD with momentum FedAvgM, Adam FedAdam, Yogi FedYogi, one line
+each in `SERVER_OPTIMIZERS`. Its hyperparameters are data too (`ServerHyper`), so one
+compiled round serves every algorithm of a comparison with the same server optimizer, and
+a state restored from a checkpoint carries everything needed to continue it exactly. A
+round is a pure function of the state: which clients take part, each client's data order
+and a redrawn mask all derive from seeds and `state.round`.
 
-Names: fedavg, fedprox, fedpfn, fedpnu, fedavgm, with modifiers '+prox' (add the proximal
-term) and '+m' (server momentum), e.g. 'fedpfn+prox', 'fedpnu+prox+m'.
+Names: fedavg, fedprox, fedpfn, fedpnu, fedavgm, fedadam, fedyogi, with modifiers '+prox'
+(add the proximal term) and '+m' (server momentum, SGD servers only), e.g. 'fedpfn+prox',
+'fedpnu+prox+m', 'fedadam+prox'.
 """
 
 import dataclasses
@@ -25,19 +31,20 @@ from tna_jax.errors import ConfigError, check_choice
 from tna_jax.federated import client
 
 PyTree = Any
-BASES = ("fedavg", "fedprox", "fedpfn", "fedpnu", "fedavgm")
+BASES = ("fedavg", "fedprox", "fedpfn", "fedpnu", "fedavgm", "fedadam", "fedyogi")
 MODIFIERS = ("prox", "m")
 MASK_REDRAW = ("fixed", "per_round")
 
 
 @dataclasses.dataclass(frozen=True)
 class Algorithm:
-  """What an algorithm name means: proximal term, mask use, server momentum."""
+  """What an algorithm name means: proximal term, mask use, server optimizer and momentum."""
 
   name: str
   prox: bool = False
   mask: str = "none"  # none | pfn (mask every local epoch) | pnu (mask, then its reverse)
-  server_momentum: bool = False
+  server_optimizer: str = "sgd"  # a key of SERVER_OPTIMIZERS
+  server_momentum: bool = False  # sgd only
 
   @property
   def masked(self) -> bool:
@@ -52,9 +59,43 @@ def parse(name: str) -> Algorithm:
     check_choice(f"modifier of algorithm {name!r}", modifier, MODIFIERS)
   if len(set(modifiers)) != len(modifiers):
     raise ConfigError(f"algorithm {name!r} repeats a modifier.")
+  server_optimizer = {"fedadam": "adam", "fedyogi": "yogi"}.get(base, "sgd")
+  if "m" in modifiers and server_optimizer != "sgd":
+    raise ConfigError(f"algorithm {name!r}: the modifier '+m' adds momentum to SGD servers only; {base}'s server "
+                      "momentum is server.b1.")
   return Algorithm(name=name.strip(), prox=base == "fedprox" or "prox" in modifiers,
-                   mask={"fedpfn": "pfn", "fedpnu": "pnu"}.get(base, "none"),
+                   mask={"fedpfn": "pfn", "fedpnu": "pnu"}.get(base, "none"), server_optimizer=server_optimizer,
                    server_momentum=base == "fedavgm" or "m" in modifiers)
+
+
+class ClientHyper(flax.struct.PyTreeNode):
+  """What the clients of an algorithm do differently, as data (one compiled round serves them all)."""
+
+  mu: jax.Array  # float32: FedProx's proximal weight; 0 = no proximal term
+  reverse_epoch: jax.Array  # int32: from this local epoch on, clients hold the mask's reverse (FedPNU)
+  masked: jax.Array  # bool: whether a mask redrawn by the round applies
+  lr_scale: jax.Array  # float32: the clients' learning-rate factor, lr_decay ** round; set by each round
+
+
+class ServerHyper(flax.struct.PyTreeNode):
+  """The server optimizer's hyperparameters (config.server): floats here, float32 arrays in a
+  `ServerState`, so a new value needs no new compilation. Each optimizer reads its own."""
+
+  learning_rate: jax.typing.ArrayLike = 1.0  # sgd (FedAvg: 1, i.e. params = weighted mean of client params)
+  momentum: jax.typing.ArrayLike = 0.9  # sgd with server momentum (FedAvgM, '+m'); `init` sets 0 for the others
+  adaptive_learning_rate: jax.typing.ArrayLike = 1e-2  # adam, yogi (Reddi et al. tune it in 1e-2..1e-1)
+  b1: jax.typing.ArrayLike = 0.9  # adam, yogi: decay of the first moment
+  b2: jax.typing.ArrayLike = 0.99  # adam, yogi: decay of the second moment (Reddi et al.: 0.99)
+  eps: jax.typing.ArrayLike = 1e-3  # adam, yogi: adaptivity tau added to the root of the second moment
+
+
+# The server step on the pseudo-gradient, per optimizer. optax's adam and yogi correct the
+# moments' bias, which Reddi et al.'s pseudocode does not.
+SERVER_OPTIMIZERS: dict[str, Callable[[ServerHyper], optax.GradientTransformation]] = {
+    "sgd": lambda h: optax.sgd(h.learning_rate, momentum=h.momentum),  # FedAvg (momentum 0), FedAvgM
+    "adam": lambda h: optax.adam(h.adaptive_learning_rate, b1=h.b1, b2=h.b2, eps=h.eps),  # FedAdam
+    "yogi": lambda h: optax.yogi(h.adaptive_learning_rate, b1=h.b1, b2=h.b2, eps=h.eps),  # FedYogi
+}
 
 
 class ServerState(flax.struct.PyTreeNode):
@@ -62,10 +103,17 @@ class ServerState(flax.struct.PyTreeNode):
 
   params: PyTree
   batch_stats: PyTree  # {} for models without BatchNorm; the clients' sample-weighted mean
-  momentum: PyTree  # FedAvgM's server velocity (stays 0 without server momentum)
+  opt_state: optax.OptState  # the server optimizer's state (FedAvgM: its velocity; FedAdam: its moments)
   mask: PyTree  # entries clients hold fixed this round (all False for unmasked algorithms)
-  hyper: dict  # per-algorithm scalars: mu, reverse_epoch, masked, server_learning_rate, server_momentum
+  hyper: ClientHyper
+  server: ServerHyper
   round: jax.Array  # int32: rounds done
+  optimizer: str = flax.struct.field(pytree_node=False, default="sgd")  # a key of SERVER_OPTIMIZERS
+
+  @property
+  def server_tx(self) -> optax.GradientTransformation:
+    """The server optimizer, built from the state's hyperparameters (traced inside a round)."""
+    return SERVER_OPTIMIZERS[self.optimizer](self.server)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -85,26 +133,24 @@ class MaskSpec:
 
 
 def init(algorithm: Algorithm, variables: dict, mask_spec: MaskSpec, *, local_epochs: int, prox_mu: float = 0.01,
-         server_learning_rate: float = 1.0, server_momentum: float = 0.9) -> ServerState:
+         server: ServerHyper = ServerHyper()) -> ServerState:
   """The state before round 1: the shared initialization and the algorithm's settings.
 
   FedPNU clients switch to the reversed mask after int(local_epochs / 2) epochs; with one
-  local epoch that is from the start, as the rule says. prox_mu and server_momentum only
-  apply to algorithms that use them.
+  local epoch that is from the start, as the rule says. prox_mu and server.momentum only
+  apply to algorithms that use them: the others get 0, so FedAvg's server is SGD without
+  momentum in the same program as FedAvgM's.
   """
   check_choice("mask.redraw", mask_spec.redraw, MASK_REDRAW)
   params = variables["params"]
   mask = mask_spec.draw(params, mask_spec.seed) if algorithm.masked else masks.no_mask(params)
-  hyper = {
-      "mu": jnp.float32(prox_mu if algorithm.prox else 0.0),
-      "reverse_epoch": jnp.int32(local_epochs // 2 if algorithm.mask == "pnu" else local_epochs),
-      "masked": jnp.bool_(algorithm.masked),
-      "server_learning_rate": jnp.float32(server_learning_rate),
-      "server_momentum": jnp.float32(server_momentum if algorithm.server_momentum else 0.0),
-  }
+  hyper = ClientHyper(mu=jnp.float32(prox_mu if algorithm.prox else 0.0),
+                      reverse_epoch=jnp.int32(local_epochs // 2 if algorithm.mask == "pnu" else local_epochs),
+                      masked=jnp.bool_(algorithm.masked), lr_scale=jnp.float32(1.0))
+  server = jax.tree.map(jnp.float32, server.replace(momentum=server.momentum if algorithm.server_momentum else 0.0))
   return ServerState(params=params, batch_stats=variables.get("batch_stats", {}),
-                     momentum=jax.tree.map(jnp.zeros_like, params), mask=mask, hyper=hyper,
-                     round=jnp.zeros((), jnp.int32))
+                     opt_state=SERVER_OPTIMIZERS[algorithm.server_optimizer](server).init(params), mask=mask,
+                     hyper=hyper, server=server, round=jnp.zeros((), jnp.int32), optimizer=algorithm.server_optimizer)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -134,17 +180,27 @@ def client_key(data_seed: int, round_index, client_id) -> jax.Array:
   return jax.random.fold_in(jax.random.fold_in(jax.random.key(data_seed), round_index), client_id)
 
 
+def server_step(state: ServerState, mean_update: PyTree) -> ServerState:
+  """The global model after the state's server optimizer steps on the pseudo-gradient
+  -mean_update (mean_update: the weighted mean of client params minus the global params)."""
+  pseudo_gradient = jax.tree.map(jnp.negative, mean_update)
+  updates, opt_state = state.server_tx.update(pseudo_gradient, state.opt_state, state.params)
+  return state.replace(params=optax.apply_updates(state.params, updates), opt_state=opt_state)
+
+
 def make_round(model, tx: optax.GradientTransformationExtraArgs, clients: client.ClientData, spec: RoundSpec, *,
                mean, std, mesh: jax.sharding.Mesh | None = None) -> Callable:
   """`round(state, images, labels) -> (state, metrics)`: one compiled federated round.
 
   The round samples its clients, redraws the mask if the spec says so (masked algorithms
-  only), trains every sampled client in one program (client.map_clients), and moves the
-  global model by the sample-size weighted mean of the client updates: params +=
-  server_learning_rate * v with v = server_momentum * v + mean update (FedAvg: lr 1, no
-  momentum, i.e. params = weighted mean of client params). Frozen entries move by exactly
-  0 on every client, so their mean update is exactly 0 too. BatchNorm statistics are
-  the weighted mean of the clients'.
+  only), trains every sampled client in one program (client.map_clients), and steps the
+  global model with the state's server optimizer on the pseudo-gradient, minus the
+  sample-size weighted mean of the client updates (FedAvg: SGD with learning rate 1, i.e.
+  params = weighted mean of client params). Frozen entries move by exactly 0 on every
+  client, so their pseudo-gradient is exactly 0 too, and so is their server step as long
+  as the optimizer's state holds nothing for them (a fixed mask). BatchNorm statistics are
+  the weighted mean of the clients'. States of different server optimizers compile
+  separately.
 
   images, labels: the whole uint8 training set and its labels, on the device.
   metrics: per sampled client ('clients' ids, 'loss', 'accuracy' of local training).
@@ -160,8 +216,8 @@ def make_round(model, tx: optax.GradientTransformationExtraArgs, clients: client
     mask = state.mask
     if spec.mask.redraw == "per_round":
       seed = jax.random.bits(jax.random.fold_in(jax.random.key(spec.mask.seed), state.round), (), jnp.uint32)
-      mask = jax.tree.map(lambda m: m & state.hyper["masked"], spec.mask.draw(state.params, seed))
-    hyper = {**state.hyper, "lr_scale": jnp.float32(spec.lr_decay) ** state.round}
+      mask = jax.tree.map(lambda m: m & state.hyper.masked, spec.mask.draw(state.params, seed))
+    hyper = state.hyper.replace(lr_scale=jnp.float32(spec.lr_decay) ** state.round)
     sizes = clients.sizes[ids]
 
     def train_client(one):
@@ -174,10 +230,8 @@ def make_round(model, tx: optax.GradientTransformationExtraArgs, clients: client
     weights = sizes.astype(jnp.float32) / jnp.sum(sizes)
     (mean_update, batch_stats), metrics = client.map_clients(train_client, (ids, sizes), weights,
                                                              client_batch=spec.client_batch, mesh=mesh)
-    momentum = jax.tree.map(lambda v, u: state.hyper["server_momentum"] * v + u, state.momentum, mean_update)
-    params = jax.tree.map(lambda p, v: p + state.hyper["server_learning_rate"] * v, state.params, momentum)
-    state = state.replace(params=params, batch_stats=batch_stats, momentum=momentum, mask=mask,
-                          round=state.round + 1)
+    state = server_step(state, mean_update).replace(batch_stats=batch_stats, mask=mask, hyper=hyper,
+                                                    round=state.round + 1)
     return state, {"clients": ids, **metrics}
 
   return lambda state, images, labels: round_fn(state, clients, images, labels)

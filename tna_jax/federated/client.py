@@ -96,16 +96,17 @@ def make_local_update(model, tx: optax.GradientTransformationExtraArgs, *, batch
   The client starts from the server's params and a fresh optimizer state (as clients of
   the reference implementations do each round) and trains `local_epochs` epochs on the
   `size` real entries of `indices`; epoch e uses `fold_in(key, e)` for its data order and
-  holds fixed the entries of `mask`, or of its reverse from epoch hyper['reverse_epoch']
-  on (FedPNU). hyper also holds 'mu' (FedProx) and 'lr_scale' (the round's learning rate
-  factor). Returns (params, batch_stats, {'loss', 'accuracy'} averaged over the steps
-  trained). vmap it over clients. With a `mesh`, every batch is split over its 'data' axis.
+  holds fixed the entries of `mask`, or of its reverse from epoch hyper.reverse_epoch on
+  (FedPNU). `hyper` is an `algorithms.ClientHyper`: it also holds mu (FedProx) and lr_scale
+  (the round's learning rate factor). Returns (params, batch_stats, {'loss', 'accuracy'}
+  averaged over the steps trained). vmap it over clients. With a `mesh`, every batch is
+  split over its 'data' axis.
   """
   steps_per_epoch = num_steps(max_size, batch_size)
   skipped = {"loss": jnp.zeros((), jnp.float32), "accuracy": jnp.zeros((), jnp.float32)}
 
   def update(params, batch_stats, mask, hyper, indices, size, key, images, labels):
-    client_tx = local_optimizer(tx, params, hyper["mu"], hyper["lr_scale"])
+    client_tx = local_optimizer(tx, params, hyper.mu, hyper.lr_scale)
     state = train.TrainState(params=params, batch_stats=batch_stats, opt_state=client_tx.init(params), fixed=mask)
     # On CPU, convolutions inside the loops below are only fast in the canonical layout.
     train_step = conv_layout.canonical_on_cpu(
@@ -113,7 +114,7 @@ def make_local_update(model, tx: optax.GradientTransformationExtraArgs, *, batch
     steps = num_steps(size, batch_size)
 
     def epoch(state, e):
-      state = state.replace(fixed=jax.tree.map(lambda m: m != (e >= hyper["reverse_epoch"]), mask))
+      state = state.replace(fixed=jax.tree.map(lambda m: m != (e >= hyper.reverse_epoch), mask))
       positions = epoch_positions(jax.random.fold_in(key, e), size, max_size, batch_size)
 
       def step(state, xs):
