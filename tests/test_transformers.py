@@ -1,5 +1,4 @@
-"""ViT and text encoder, LoRA adapters and their masks, and the base-model sources
-(big_vision .npz converter, graft)."""
+"""ViT and text encoder, LoRA adapters and their masks (base sources: test_bases.py)."""
 
 import flax.linen as nn
 import jax
@@ -8,7 +7,7 @@ import ml_collections
 import numpy as np
 import pytest
 
-from tna_jax import checkpoints, data, masks, models, optim, pretrained, text_data, train, transformers
+from tna_jax import bases, data, masks, models, optim, text_data, train, transformers
 from tna_jax.errors import ConfigError, DataNotFoundError
 from tna_jax.tree_utils import path_str
 
@@ -43,11 +42,6 @@ def _images(n=6, seed=1):
   return jax.random.normal(jax.random.key(seed), (n,) + IMAGE_SHAPE)
 
 
-def _assert_trees_equal(a, b):
-  assert jax.tree.structure(a) == jax.tree.structure(b)
-  jax.tree.map(lambda x, y: np.testing.assert_array_equal(np.asarray(x), np.asarray(y)), a, b)
-
-
 @pytest.mark.parametrize("pool", ["tok", "gap"])
 def test_vit_has_big_vision_names_and_pools(pool):
   model = _vit(pool=pool, depth=2)
@@ -76,7 +70,7 @@ def test_lora_starts_as_the_base_model_and_adds_a_low_rank_update():
   base = _random_params(plain)
   initialized = _init(lora)["params"]
   assert not np.any(initialized["Transformer"]["encoderblock_0"]["MlpBlock_0"]["Dense_0"]["lora_b"])
-  with_lora = pretrained.graft(initialized, base, reinit="lora")
+  with_lora = bases.graft(initialized, base, reinit="lora")
   x = _images()
   lora_apply = jax.jit(lambda p: lora.apply({"params": p}, x, train=False))
   plain_apply = jax.jit(lambda p: plain.apply({"params": p}, x, train=False))
@@ -159,94 +153,3 @@ def test_bad_knobs_are_config_errors():
     _shapes(_vit(width=15, num_heads=2))
   with pytest.raises(ConfigError, match="matches no parameter"):
     transformers.frozen_except(_shapes(_vit()), "lora")
-
-
-# ----------------------------------------------------------------------------- base sources
-
-
-def test_big_vision_npz_round_trips(tmp_path):
-  model = _vit(depth=2)
-  params = _random_params(model)
-  path = str(tmp_path / "vit.npz")
-  pretrained.save_big_vision_npz(path, params)
-  loaded = pretrained.load_big_vision_npz(path)
-  _assert_trees_equal(loaded, jax.device_get(params))
-  grafted = pretrained.graft(_random_params(model, seed=5), loaded, reinit="")
-  _assert_trees_equal(grafted, params)
-
-
-def test_big_vision_scanned_old_and_bfloat16_layouts_convert(tmp_path):
-  params = _random_params(_vit(depth=2))
-  flat = {path_str(p): np.asarray(v) for p, v in jax.tree_util.tree_leaves_with_path(params)}
-  # big_vision scan=True: one 'encoderblock' with a leading depth axis, under 'params/'.
-  scanned = {k: v for k, v in flat.items() if "encoderblock_" not in k}
-  for k in [k for k in flat if "encoderblock_0/" in k]:
-    scanned[k.replace("encoderblock_0", "encoderblock")] = np.stack([flat[k], flat[k.replace("_0/", "_1/", 1)]])
-  np.savez(tmp_path / "scan.npz", **{f"params/{k}": v for k, v in scanned.items()})
-  _assert_trees_equal(pretrained.load_big_vision_npz(str(tmp_path / "scan.npz")), params)
-  # vit_jax: pre-linen numbering, posemb in Transformer/posembed_input, cls posemb folded in.
-  renames = {"MultiHeadDotProductAttention_0": "MultiHeadDotProductAttention_1", "LayerNorm_1": "LayerNorm_2",
-             "MlpBlock_0": "MlpBlock_3"}
-  old = {}
-  for k, v in flat.items():
-    for new_name, old_name in renames.items():
-      k = k.replace(f"/{new_name}/", f"/{old_name}/")
-    old[k] = v
-  cls_pos = np.full((1, 1, 16), 0.25, np.float32)
-  old["Transformer/posembed_input/pos_embedding"] = np.concatenate([cls_pos, old.pop("pos_embedding")], axis=1)
-  old["cls"] = old["cls"] - cls_pos
-  np.savez(tmp_path / "old.npz", **old)
-  loaded = pretrained.load_big_vision_npz(str(tmp_path / "old.npz"))
-  jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-6, atol=1e-7), loaded, params)
-  # bfloat16 stored as 2-byte voids.
-  kernel = np.asarray(jnp.asarray(flat["head/kernel"], jnp.bfloat16))
-  np.savez(tmp_path / "bf16.npz", **{"head/kernel": kernel.view("V2")})
-  np.testing.assert_array_equal(pretrained.load_big_vision_npz(str(tmp_path / "bf16.npz"))["head"]["kernel"],
-                                kernel.astype(np.float32))
-
-
-def test_graft_keeps_the_reinit_paths_resamples_posemb_and_names_misfits():
-  small, big = _vit(), _vit(width=32)
-  source = _random_params(small, seed=1)
-  target = _random_params(small, seed=2)
-  grafted = pretrained.graft(target, source)  # default: the head keeps its initialization
-  _assert_trees_equal(grafted["head"], target["head"])
-  _assert_trees_equal(grafted["Transformer"], source["Transformer"])
-  # A 16x16 image has a 4x4 patch grid: the 2x2 position embeddings are resized to it.
-  bigger_grid = pretrained.graft(_random_params(small, shape=(16, 16, 1)), source)
-  assert bigger_grid["pos_embedding"].shape == (1, 16, 16)
-  np.testing.assert_allclose(bigger_grid["pos_embedding"].mean(), source["pos_embedding"].mean(), atol=1e-5)
-  with pytest.raises(ConfigError, match=r"encoder_norm/bias has shape \(16,\), the model needs \(32,\).*and \d+ more"):
-    pretrained.graft(_random_params(big), source)
-  with pytest.raises(ConfigError, match="lora_a is missing.*base.reinit"):
-    pretrained.graft(_random_params(_vit(lora_rank=2)), source)
-
-
-def test_relabel_and_parse_groups():
-  labels = np.arange(10, dtype=np.int32).repeat(2)
-  images = labels.astype(np.uint8).reshape(-1, 1, 1, 1)
-  ds = data.Dataset("toy", images, labels, images, labels, 10, (0.0,), (1.0,))
-  task = pretrained.relabel(ds, pretrained.parse_groups("0+2/9", 10))
-  assert task.num_classes == 2 and task.train_labels.tolist() == [0, 0, 0, 0, 1, 1]
-  assert task.train_images.ravel().tolist() == [0, 0, 2, 2, 9, 9]
-  assert pretrained.parse_groups("", 3) == ((0,), (1,), (2,))
-  for bad in ("0+x/1", "0/0", "0/10", "3"):
-    with pytest.raises(ConfigError):
-      pretrained.parse_groups(bad, 10)
-
-
-def test_an_orbax_base_lands_on_the_model_with_a_fresh_head(tmp_path):
-  model = models.get_model(ml_collections.ConfigDict(dict(name="mlp", depth=1, width=8)), 5)
-  pretrained_variables = {"params": _random_params(model, seed=4)}
-  checkpoints.save(str(tmp_path / "ckpt"), pretrained_variables)
-  config = ml_collections.ConfigDict(dict(init_seed=0, base=dict(source="orbax", path=str(tmp_path / "ckpt"),
-                                                                 reinit="^head/")))
-  ds = data.Dataset("toy", np.zeros((4,) + IMAGE_SHAPE, np.uint8), np.zeros(4, np.int32),
-                    np.zeros((4,) + IMAGE_SHAPE, np.uint8), np.zeros(4, np.int32), 5, (0.0,), (1.0,))
-  base = pretrained.load_base(config, model, ds)
-  fresh = models.init_variables(model, jax.random.key(0), IMAGE_SHAPE)["params"]
-  _assert_trees_equal(base["params"]["fc1"], pretrained_variables["params"]["fc1"])
-  _assert_trees_equal(base["params"]["head"], fresh["head"])
-  config.base.path = str(tmp_path / "missing")
-  with pytest.raises(DataNotFoundError, match="not an orbax checkpoint directory"):
-    pretrained.load_base(config, model, ds)

@@ -16,7 +16,7 @@ from typing import Any, Callable
 
 import ml_collections
 
-from tna_jax import data, experiments, lmc, masks, matching, models, optim, pretrained, sharding, text_data
+from tna_jax import bases, data, experiments, lmc, masks, matching, models, optim, sharding, tasks, text_data
 from tna_jax import permutations, transformers
 from tna_jax.errors import ConfigError, check_choice
 from tna_jax.federated import algorithms, partition
@@ -27,7 +27,7 @@ FINETUNE = ("soup", "cold")  # models fine-tuned from one base
 TRAINED_FROM_SCRATCH = ("lmc", "fed")
 
 LMC_VARIANTS = ("vanilla", "tna", "pruning")
-FINETUNE_VARIANTS = ("vanilla", "tna")
+FINETUNE_VARIANTS = masks.STARTING_VARIANTS
 SOUP_AUGMENTATIONS = ("none", "flip", "crop", "flip+crop")
 ALIGN_CHOICES = ("none",) + matching.METHODS
 CHECKPOINT_SOURCES = ("orbax", "big_vision_npz")  # base.source values read from base.path
@@ -230,7 +230,7 @@ KEYS: tuple[Key, ...] = (
     Key("matching.batches", int, "activation matching: training batches whose activations are correlated",
         experiments=LMC, low=1, applies=_is("align", "activation"), condition="align = activation"),
     # soup and cold: fine-tuning from one base
-    Key("base.source", str, "where the base model comes from", experiments=FINETUNE, choices=pretrained.BASE_SOURCES),
+    Key("base.source", str, "where the base model comes from", experiments=FINETUNE, choices=bases.BASE_SOURCES),
     Key("base.path", str, "checkpoint directory (orbax) or .npz file (big_vision_npz)", experiments=FINETUNE,
         form="path", applies=_is("base.source", *CHECKPOINT_SOURCES),
         condition="base.source = orbax or big_vision_npz"),
@@ -453,7 +453,7 @@ def tasks_fit_dataset(config) -> None:
       if config.dataset == "glue":
         check_choice("cold.tasks (glue)", spec, tuple(text_data.GLUE_TASKS))
       else:
-        pretrained.parse_groups(spec, 10_000)  # syntax only; class ranges are checked against the data
+        tasks.parse_groups(spec, 10_000)  # syntax only; class ranges are checked against the data
 
 
 def tasks_fill_a_batch(config) -> None:

@@ -17,7 +17,7 @@ import jax.numpy as jnp
 import optax
 
 from tna_jax import tree_utils
-from tna_jax.errors import ConfigError, check_choice
+from tna_jax.errors import ConfigError, check_choice, parse_list
 
 PyTree = Any
 GRANULARITIES = ("weight", "neuron")
@@ -126,3 +126,35 @@ def freeze() -> optax.GradientTransformationExtraArgs:
     return updates, state
 
   return optax.GradientTransformationExtraArgs(init_fn, update_fn)
+
+
+# ----------------------------------------------------------------------------- fine-tuning from one base
+
+STARTING_VARIANTS = ("vanilla", "tna")
+
+
+def starting_variants(config) -> list[str]:
+  """The variants of `starting_masks` that a soup or ColD run compares, from `config.variants`."""
+  return parse_list("variants", config.variants, str, STARTING_VARIANTS)
+
+
+def starting_masks(config, params: PyTree) -> dict[str, PyTree]:
+  """Each variant's fixed mask for fine-tuning from one base (soups and ColD alike):
+  entries outside `config.finetune.trainable`, plus (tna) the shared TNA-PFN mask of
+  `config.mask`."""
+  # Imported on use: tna_jax.transformers imports this module for its masks.
+  from tna_jax import transformers  # pylint: disable=g-import-not-at-top
+  frozen = transformers.frozen_except(params, config.finetune.trainable)
+  tna = fixed_mask(params, config.mask.fixed_fraction, seed=config.mask.seed, granularity=config.mask.granularity,
+                   include=config.mask.include, exclude=config.mask.exclude)
+  return {"vanilla": frozen, "tna": jax.tree.map(jnp.logical_or, frozen, tna)}
+
+
+def keep_fixed(tree: PyTree, base: PyTree, fixed: PyTree) -> PyTree:
+  """`tree` except that the entries the mask holds fixed are the base's, bit for bit.
+
+  A fused model (a soup, a ColD base) of models trained under the mask: each of them has
+  the base's value at every fixed entry; copying it (instead of averaging K equal floats,
+  which can round) keeps the fused model exactly on the anchors, round after round.
+  """
+  return jax.tree.map(lambda value, b, m: jnp.where(m, b, value), tree, base, fixed)

@@ -1,11 +1,11 @@
-"""Model soups and ColD-style averaging of models fine-tuned from one base.
+"""Model soups: averages of models fine-tuned from one base.
 
 Wortsman et al.'s soups average the weights of models fine-tuned from the same pretrained
 base with different hyperparameters: the uniform soup averages all of them; the greedy
 soup sorts them by held-out accuracy and adds a model to the running average only if the
-held-out accuracy of the average improves. ColD fusion averages contributors' bodies; under
-a TNA-PFN mask the fixed entries are equal in every model and are taken from the base as
-they are (`masked_average`).
+held-out accuracy of the average improves. ColD fusion (`tna_jax.cold`) fuses its
+contributors with the weighted uniform soup; under a TNA-PFN mask the fixed entries are
+equal in every model and are taken from the base as they are (`masks.keep_fixed`).
 
 Models arrive stacked along a leading axis (as `train.fit` trains them), and the greedy
 soup is ONE compiled call: a scan over the sorted models, each step evaluating its
@@ -21,7 +21,7 @@ import jax
 import jax.numpy as jnp
 import optax
 
-from tna_jax import evaluate, stacking, train
+from tna_jax import evaluate, sharding, stacking, train
 
 PyTree = Any
 
@@ -36,32 +36,24 @@ def uniform_soup(stacked: PyTree, weights: jax.Array | None = None) -> PyTree:
                       stacked)
 
 
-def masked_average(stacked: PyTree, base: PyTree, fixed: PyTree, weights: jax.Array | None = None) -> PyTree:
-  """`uniform_soup`, except that entries the mask holds fixed are the base's, bit for bit.
-
-  Every model trained under the mask has the base's value there; copying it (instead of
-  averaging K equal floats, which can round) keeps the fused model exactly on the anchors,
-  round after round.
-  """
-  return jax.tree.map(lambda avg, b, m: jnp.where(m, b, avg), uniform_soup(stacked, weights), base, fixed)
-
-
 def evaluate_stack(model, stacked_variables: PyTree, batches: evaluate.Batches, mean, std, *,
-                   per_model_batches: bool = False) -> dict[str, jax.Array]:
+                   per_model_batches: bool = False, mesh: jax.sharding.Mesh | None = None) -> dict[str, jax.Array]:
   """Loss and accuracy [K] of each of the K stacked models, in one compiled call.
 
   With `per_model_batches`, `batches` are stacked too and model k is evaluated on its own
-  (ColD: each contributor on its task's test split); otherwise all share them.
+  (ColD: each contributor on its task's test split); otherwise all share them. With a
+  `mesh`, the models stay on its 'models' axis (where `sharding.named(mesh, 'models')` put them).
   """
-  return _evaluate_stack(model, tuple(mean), tuple(std), per_model_batches, stacked_variables, batches)
+  return _evaluate_stack(model, tuple(mean), tuple(std), per_model_batches, mesh, stacked_variables, batches)
 
 
-@jax.jit(static_argnums=(0, 1, 2, 3))
-def _evaluate_stack(model, mean, std, per_model_batches, stacked, batches):
+@jax.jit(static_argnums=(0, 1, 2, 3, 4))
+def _evaluate_stack(model, mean, std, per_model_batches, mesh, stacked, batches):
   apply_fn = evaluate.inference_fn(model)
   return stacking.map_stacked(lambda v, b: evaluate.evaluate(apply_fn, v, b, mean, std),
-                              sequential=stacking.sequential_default(),
-                              in_axes=(0, 0 if per_model_batches else None))(stacked, batches)
+                              sequential=stacking.sequential_default(mesh),
+                              in_axes=(0, 0 if per_model_batches else None),
+                              spmd_axis_name=sharding.MODELS if mesh is not None else None)(stacked, batches)
 
 
 class GreedySoup(NamedTuple):

@@ -3,7 +3,7 @@
 Parameter names follow big_vision's ViT (`embedding`, `pos_embedding`, `cls`,
 `Transformer/encoderblock_{i}/{LayerNorm_0, MultiHeadDotProductAttention_0, LayerNorm_1,
 MlpBlock_0/Dense_{0,1}}`, `Transformer/encoder_norm`, `head`), so a big_vision checkpoint
-maps onto these modules by name (`pretrained.load_big_vision_npz`) and the classifier is
+maps onto these modules by name (`big_vision_npz.load`) and the classifier is
 `head` as in every model of `tna_jax.models`.
 
 Every Dense layer of the encoder (attention query/key/value/out and the MLP) can carry a

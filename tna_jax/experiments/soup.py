@@ -1,7 +1,7 @@
 """The `soup` experiment: K models fine-tuned from one base, uniform and greedy soups, with
 and without one shared TNA-PFN mask.
 
-Every model starts from the same base (`pretrained.load_base`: a pretrained body and one
+Every model starts from the same base (`bases.load_base`: a pretrained body and one
 shared head initialization) and draws its own hyperparameters: learning-rate factor,
 epochs, augmentation; model k sees data order data_seed + k. The variants (vanilla, tna)
 use the same K draws, so they are compared model for model. All models with the same
@@ -26,11 +26,9 @@ import jax
 import numpy as np
 import optax
 
-from tna_jax import (config_keys, data, evaluate, masks, models, optim, pretrained, reporting, runtime, soup, train,
-                     transformers)
-from tna_jax.errors import ConfigError, check_choice
+from tna_jax import bases, config_keys, data, evaluate, masks, models, optim, reporting, runtime, soup, tasks, train
+from tna_jax.errors import parse_list
 
-VARIANTS = config_keys.FINETUNE_VARIANTS
 AUGMENTATIONS = config_keys.SOUP_AUGMENTATIONS
 
 SUMMARY_COLUMNS = (
@@ -45,31 +43,9 @@ SUMMARY_COLUMNS = (
 # ----------------------------------------------------------------------------- config
 
 
-def parse_list(name: str, spec: str, cast, allowed=None) -> list:
-  """A non-empty comma-separated list, each item cast (and checked against `allowed`)."""
-  items = [s.strip() for s in str(spec).split(",") if s.strip()]
-  if not items:
-    raise ConfigError(f"{name}={spec!r} is empty; give a comma-separated list.")
-  try:
-    values = [cast(s) for s in items]
-  except ValueError:
-    raise ConfigError(f"{name}={spec!r}: every item must be a {cast.__name__}.") from None
-  for value in values:
-    if allowed is not None:
-      check_choice(name, value, allowed)
-  if allowed is not None and len(set(values)) != len(values):
-    raise ConfigError(f"{name}={spec!r} names a value twice; allowed: each of {', '.join(map(str, allowed))} at most "
-                      "once.")
-  return values
-
-
-def variants_of(config) -> list[str]:
-  return parse_list("variants", config.variants, str, VARIANTS)
-
-
 def planned_models(config) -> int:
   """Fine-tuned models trained side by side at most (all variants' models), for `main --dry_run`."""
-  return config.soup.num_models * len(variants_of(config))
+  return config.soup.num_models * len(masks.starting_variants(config))
 
 
 def validate(config) -> None:
@@ -88,16 +64,6 @@ def draw_hyperparameters(config) -> list[dict[str, Any]]:
           for k in range(config.soup.num_models)]
 
 
-def starting_masks(config, params) -> dict[str, Any]:
-  """Each variant's fixed mask: entries outside `finetune.trainable`, plus (tna) the shared
-  TNA-PFN mask. Used by `soup` and `cold` alike."""
-  frozen = transformers.frozen_except(params, config.finetune.trainable)
-  tna = masks.fixed_mask(params, config.mask.fixed_fraction, seed=config.mask.seed,
-                         granularity=config.mask.granularity, include=config.mask.include,
-                         exclude=config.mask.exclude)
-  return {"vanilla": frozen, "tna": jax.tree.map(np.logical_or, frozen, tna)}
-
-
 # ----------------------------------------------------------------------------- run
 
 
@@ -111,19 +77,19 @@ def run(config, workdir: str) -> dict[str, Any]:
   with runtime.Run(config, workdir) as run:
     dataset = data.load_dataset(config.dataset, config.data_dir, None, config.num_test or None)
     split = config.split
-    finetune_ds = pretrained.train_range(dataset, split.start, split.num_train, "split")
-    heldout = pretrained.train_range(dataset, split.start + split.num_train, split.num_heldout, "split.num_heldout")
+    finetune_ds = tasks.train_range(dataset, split.start, split.num_train, "split")
+    heldout = tasks.train_range(dataset, split.start + split.num_train, split.num_heldout, "split.num_heldout")
     train.check_batch_size(config.batch_size, split.num_train, "fine-tuning examples (split.num_train)")
     # train.fit reports its per-epoch "test" metrics on the held-out split: the test split stays unseen.
     finetune_ds = dataclasses.replace(finetune_ds, test_images=heldout.train_images, test_labels=heldout.train_labels)
     model = models.get_model(config.model, dataset.num_classes)
-    body = pretrained.load_source(config)  # a missing or corrupt checkpoint stops here, before the workdir
+    body = bases.load_source(config)  # a missing or corrupt checkpoint stops here, before the workdir
 
     run.start()
     with run.timed("base"):
-      base = pretrained.load_base(config, model, dataset, body, run)
-    fixed = starting_masks(config, base["params"])
-    variants = variants_of(config)
+      base = bases.load_base(config, model, dataset, body, run)
+    fixed = masks.starting_masks(config, base["params"])
+    variants = masks.starting_variants(config)
     hparams = draw_hyperparameters(config)
     with run.timed("finetune"):
       stacked = finetune(run, config, model, base, fixed, variants, hparams, finetune_ds)
