@@ -21,7 +21,7 @@ import jax
 import jax.numpy as jnp
 import optax
 
-from tna_jax import evaluate, stacking, train
+from tna_jax import evaluate, execution, stacking, train
 
 PyTree = Any
 
@@ -60,7 +60,7 @@ def evaluate_stack(model, stacked_variables: PyTree, batches: evaluate.Batches, 
 def _evaluate_stack(model, mean, std, per_model_batches, stacked, batches):
   apply_fn = evaluate.inference_fn(model)
   return stacking.map_stacked(lambda v, b: evaluate.evaluate(apply_fn, v, b, mean, std),
-                              sequential=stacking.sequential_default(),
+                              sequential=execution.policy().sequential,
                               in_axes=(0, 0 if per_model_batches else None))(stacked, batches)
 
 
@@ -93,7 +93,7 @@ def _greedy(model, mean, std, stacked, batches) -> GreedySoup:
   def accuracy(variables):
     return evaluate.evaluate(apply_fn, variables, batches, mean, std)["accuracy"]
 
-  individual = stacking.map_stacked(accuracy, sequential=stacking.sequential_default())(stacked)
+  individual = stacking.map_stacked(accuracy, sequential=execution.policy().sequential)(stacked)
   order = jnp.argsort(-individual, stable=True)
   total = train.unstack(stacked, order[0])
 

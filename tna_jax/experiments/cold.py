@@ -31,8 +31,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from tna_jax import (data, evaluate, models, optim, pretrained, reporting, runtime, soup, stacking, text_data, train,
-                     transformers)
+from tna_jax import (data, evaluate, execution, models, optim, pretrained, reporting, runtime, soup, stacking, text_data,
+                     train, transformers)
 from tna_jax.errors import ConfigError, check_choice
 from tna_jax.experiments import soup as soup_experiment
 
@@ -199,9 +199,10 @@ def cold_fusion(model, tx, base: dict, heads: PyTree, fixed: PyTree, tasks: Task
   repeat = lambda tree: jax.tree.map(lambda x: jnp.repeat(x, num_tasks, axis=0), tree)  # [V] -> [V*T]
   tile = lambda tree: jax.tree.map(lambda x: jnp.tile(x, (num_variants,) + (1,) * (x.ndim - 1)), tree)  # [T] -> [V*T]
   by_variant = lambda tree: jax.tree.map(lambda x: x.reshape((num_variants, num_tasks) + x.shape[1:]), tree)
+  policy = execution.policy()  # ColD runs off any mesh, on the default backend
   epoch_fn = jax.jit(stacking.map_stacked(train.make_epoch_fn(model, tx, batch_size=batch_size, mean=tasks.mean,
-                                                               std=tasks.std), sequential=stacking.sequential_default()),
-                     donate_argnums=0)
+                                                               std=tasks.std, policy=policy),
+                                          sequential=policy.sequential), donate_argnums=0)
   init_states = jax.jit(jax.vmap(lambda variables, f: train.init_train_state(tx, variables, f)))
   fuse = jax.jit(jax.vmap(soup.masked_average, in_axes=(0, 0, 0, None)))
   images, labels = tile(jnp.asarray(tasks.train_images)), tile(jnp.asarray(tasks.train_labels))

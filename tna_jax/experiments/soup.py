@@ -122,10 +122,8 @@ def draw_hyperparameters(config) -> list[dict[str, Any]]:
 def starting_masks(config, params) -> dict[str, Any]:
   """Each variant's fixed mask: entries outside `finetune.trainable`, plus (tna) the shared
   TNA-PFN mask. Used by `soup` and `cold` alike."""
-  frozen = transformers.frozen_except(params, config.finetune.trainable)
-  tna = masks.fixed_mask(params, config.mask.fixed_fraction, seed=config.mask.seed,
-                         granularity=config.mask.granularity, include=config.mask.include,
-                         exclude=config.mask.exclude)
+  frozen = masks.frozen_except(params, config.finetune.trainable)
+  tna = masks.from_config(params, config.mask)
   return {"vanilla": frozen, "tna": jax.tree.map(np.logical_or, frozen, tna)}
 
 
