@@ -314,7 +314,7 @@ def test_bad_config_values_are_clear_errors_before_anything_is_written(tmp_path)
 def test_a_round_sharded_over_devices_equals_the_single_device_round():
   script = """
 import jax, jax.numpy as jnp, numpy as np, ml_collections
-from tna_jax import models, optim, sharding
+from tna_jax import masks, models, optim, sharding
 from tna_jax.federated import algorithms, client, partition
 rng = np.random.default_rng(0)
 images = rng.integers(0, 256, (300, 8, 8, 1), dtype=np.uint8)
