@@ -56,7 +56,8 @@ def compile_programs(out_dir: str) -> None:
   import jax  # pylint: disable=g-import-not-at-top
   import ml_collections  # pylint: disable=g-import-not-at-top
   import optax  # pylint: disable=g-import-not-at-top
-  from tna_jax import evaluate, execution, lmc, masks, models, optim, sharding, train  # pylint: disable=g-import-not-at-top
+  # pylint: disable-next=g-import-not-at-top
+  from tna_jax import evaluate, execution, lmc, masks, models, optim, sharding, train
 
   assert jax.device_count() == DEVICES, jax.devices()
   model = models.get_model(ml_collections.ConfigDict(dict(name="mlp", depth=2, width=WIDTH)), CLASSES)

@@ -159,7 +159,8 @@ def test_mask_spec_round_trip_and_redraw():
   jax.tree.map(np.testing.assert_array_equal, spec.draw(params),
                masks.fixed_mask(params, spec.fixed_fraction, seed=spec.seed))
   redrawn = jax.jit(spec.draw)(params, jnp.uint32(spec.seed + 1))  # a traced seed, as a federated round has
-  jax.tree.map(np.testing.assert_array_equal, redrawn, masks.fixed_mask(params, spec.fixed_fraction, seed=spec.seed + 1))
+  jax.tree.map(np.testing.assert_array_equal, redrawn,
+               masks.fixed_mask(params, spec.fixed_fraction, seed=spec.seed + 1))
   with pytest.raises(ConfigError, match="mask.redraw='always'.*fixed, per_round"):
     masks.MaskSpec(redraw="always")
 

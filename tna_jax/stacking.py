@@ -16,7 +16,7 @@ Both give the same numbers up to float rounding; only the speed differs. Which o
 uses is `execution.ExecutionPolicy.sequential`.
 """
 
-from typing import Any, Callable, Sequence
+from typing import Callable, Sequence
 
 import jax
 

@@ -31,8 +31,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from tna_jax import (data, evaluate, execution, models, optim, pretrained, reporting, runtime, soup, stacking, text_data,
-                     train, transformers)
+from tna_jax import (data, evaluate, execution, models, optim, pretrained, reporting, runtime, soup, stacking,
+                     text_data, train, transformers)
 from tna_jax.errors import ConfigError, check_choice
 from tna_jax.experiments import soup as soup_experiment
 
