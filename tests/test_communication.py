@@ -12,6 +12,7 @@ The device count is fixed when JAX starts, so one subprocess (this file run as a
 compiles every program and writes its HLO text and memory statistics; the checks run here.
 """
 
+import dataclasses
 import json
 import math
 import os
@@ -55,7 +56,8 @@ def compile_programs(out_dir: str) -> None:
   import jax  # pylint: disable=g-import-not-at-top
   import ml_collections  # pylint: disable=g-import-not-at-top
   import optax  # pylint: disable=g-import-not-at-top
-  from tna_jax import evaluate, lmc, masks, models, optim, sharding, train  # pylint: disable=g-import-not-at-top
+  # pylint: disable-next=g-import-not-at-top
+  from tna_jax import evaluate, execution, lmc, masks, models, optim, sharding, train
 
   assert jax.device_count() == DEVICES, jax.devices()
   model = models.get_model(ml_collections.ConfigDict(dict(name="mlp", depth=2, width=WIDTH)), CLASSES)
@@ -80,9 +82,11 @@ def compile_programs(out_dir: str) -> None:
       tx = base_tx
       if what == "train_sharded_updates":
         tx = optax.chain(base_tx, _shard_updates_over_data(mesh))
+      policy = execution.policy(mesh)
+      if what in ("train_vmapped", "train_sequential"):  # the way the mesh would not choose
+        policy = dataclasses.replace(policy, sequential=what == "train_sequential")
       epochs = train.make_train_epochs(model, tx, mesh, batch_size=BATCH, mean=(0.5,), std=(0.25,),
-                                       num_examples=NUM_TRAIN,
-                                       sequential={"train_vmapped": False, "train_sequential": True}.get(what))
+                                       num_examples=NUM_TRAIN, policy=policy)
 
       def init(tx=tx):
         mask = masks.fixed_mask(variables["params"], 0.4, seed=1)

@@ -58,10 +58,3 @@ def test_map_stacked_one_after_another_equals_vmap():
   assert [e.primitive.name for e in jaxpr.jaxpr.eqns] == ["scan"]  # one loop, no batched (grouped) convolution
   with pytest.raises(ValueError, match=r"in_axes=\(0, 1\) for 2 arguments; allowed: 0 or None"):
     stacking.map_stacked(lambda a, b: a + b, sequential=True, in_axes=(0, 1))(scales, scales)
-
-
-def test_cpu_runs_stacked_work_one_after_another_unless_the_mesh_spreads_the_models():
-  assert jax.default_backend() == "cpu"
-  assert stacking.sequential_default()
-  mesh = jax.make_mesh((1, 1), ("models", "data"), devices=jax.devices()[:1])
-  assert stacking.sequential_default(mesh)

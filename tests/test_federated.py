@@ -109,7 +109,7 @@ def test_one_client_with_full_participation_equals_centralized_training():
   model, variables, tx = _setup()
   decay = 0.5
   round_fn = _round(model, tx, [np.arange(256)], local_epochs=2, lr_decay=decay, data_seed=7)
-  state = algorithms.init(algorithms.parse("fedavg"), variables, algorithms.MaskSpec(), local_epochs=2)
+  state = algorithms.init(algorithms.parse("fedavg"), variables, masks.MaskSpec(), local_epochs=2)
   for _ in range(2):
     state, _ = round_fn(state, jnp.asarray(images), jnp.asarray(labels))
 
@@ -132,7 +132,7 @@ def test_padding_and_group_size_do_not_change_a_round():
   images, labels = _dataset(300)
   parts = partition.partition(labels, "dirichlet", 5, seed=0, alpha=0.3, min_client_size=5)
   model, variables, tx = _setup()
-  state = algorithms.init(algorithms.parse("fedavg"), variables, algorithms.MaskSpec(), local_epochs=1)
+  state = algorithms.init(algorithms.parse("fedavg"), variables, masks.MaskSpec(), local_epochs=1)
   # One by one (no vmap), and vmapped in groups of 2 (3 groups, the last with a padding client).
   (one, one_metrics), (grouped, grouped_metrics) = [
       _round(model, tx, parts, client_batch=b)(state, jnp.asarray(images), jnp.asarray(labels)) for b in (1, 2)]
@@ -153,7 +153,7 @@ def test_fedprox_minimizes_the_proximal_objective_and_with_mu_zero_equals_fedavg
   images, labels = _dataset(256)
   model, variables, tx = _setup(lr=0.1)
   mu = 0.5
-  state = algorithms.init(algorithms.parse("fedprox"), variables, algorithms.MaskSpec(), local_epochs=1, prox_mu=mu)
+  state = algorithms.init(algorithms.parse("fedprox"), variables, masks.MaskSpec(), local_epochs=1, prox_mu=mu)
   after, _ = _round(model, tx, [np.arange(256)])(state, jnp.asarray(images), jnp.asarray(labels))
 
   # Reference: plain gradient steps on loss + mu/2 ||w - w_global||^2, on the same batches.
@@ -180,7 +180,7 @@ def test_fedprox_minimizes_the_proximal_objective_and_with_mu_zero_equals_fedavg
   round_fn = _round(model, tx, parts, local_epochs=3)
 
   def global_after(name, mu):
-    state = algorithms.init(algorithms.parse(name), variables, algorithms.MaskSpec(), local_epochs=3, prox_mu=mu)
+    state = algorithms.init(algorithms.parse(name), variables, masks.MaskSpec(), local_epochs=3, prox_mu=mu)
     return round_fn(state, jnp.asarray(images), jnp.asarray(labels))[0].params
 
   fedavg, prox0, prox = global_after("fedavg", 0.5), global_after("fedprox", 0.0), global_after("fedprox", 0.5)
@@ -193,7 +193,7 @@ def test_fedpfn_never_moves_a_frozen_entry_on_any_client_nor_on_the_server():
   images, labels = _dataset(400)
   parts = partition.partition(labels, "dirichlet", 4, seed=0, alpha=0.5, min_client_size=20)
   model, variables, tx = _setup(lr=0.1)
-  spec = algorithms.MaskSpec(fixed_fraction=0.5, seed=3)
+  spec = masks.MaskSpec(fixed_fraction=0.5, seed=3)
   state = algorithms.init(algorithms.parse("fedpfn+prox+m"), variables, spec, local_epochs=2, prox_mu=0.1)
   assert 0.45 < masks.fraction_fixed(state.mask) < 0.55
   packed = client.pack(parts)
@@ -219,7 +219,7 @@ def test_fedpfn_never_moves_a_frozen_entry_on_any_client_nor_on_the_server():
 def test_fedpnu_trains_with_the_mask_then_with_its_reverse():
   images, labels = _dataset(256)
   model, variables, tx = _setup()
-  spec = algorithms.MaskSpec(fixed_fraction=0.4, seed=5)
+  spec = masks.MaskSpec(fixed_fraction=0.4, seed=5)
   state = algorithms.init(algorithms.parse("fedpnu"), variables, spec, local_epochs=2)
   assert int(state.hyper.reverse_epoch) == 1  # int(2 / 2)
   after, _ = _round(model, tx, [np.arange(256)], local_epochs=2)(state, jnp.asarray(images), jnp.asarray(labels))
@@ -241,7 +241,7 @@ def test_mask_redrawn_each_round_and_clients_sampled_each_round():
   images, labels = _dataset(400)
   parts = partition.partition(labels, "iid", 8, seed=0)
   model, variables, tx = _setup()
-  spec = algorithms.MaskSpec(fixed_fraction=0.4, seed=1, redraw="per_round")
+  spec = masks.MaskSpec(fixed_fraction=0.4, seed=1, redraw="per_round")
   round_fn = _round(model, tx, parts, clients_per_round=3, sample_seed=4, mask=spec)
   pfn = algorithms.init(algorithms.parse("fedpfn"), variables, spec, local_epochs=1)
   avg = algorithms.init(algorithms.parse("fedavg"), variables, spec, local_epochs=1)
@@ -273,7 +273,7 @@ def test_unknown_algorithms_are_clear_errors(name, error):
 def _server_state(name, **server):
   params = {"layer": {"kernel": jnp.asarray([[0.5, -1.0, 2.0], [0.0, 0.25, -0.75]], jnp.float32),
                       "bias": jnp.asarray([0.1, -0.2, 0.3], jnp.float32)}}
-  return algorithms.init(algorithms.parse(name), {"params": params}, algorithms.MaskSpec(), local_epochs=1,
+  return algorithms.init(algorithms.parse(name), {"params": params}, masks.MaskSpec(), local_epochs=1,
                          server=algorithms.ServerHyper(**server))
 
 
@@ -320,7 +320,7 @@ def test_the_server_state_is_typed_and_continues_exactly_after_a_checkpoint(tmp_
   images, labels = _dataset(200)
   model, variables, tx = _setup()
   round_fn = _round(model, tx, partition.partition(labels, "iid", 3, seed=0), lr_decay=0.5)
-  states = {name: algorithms.init(algorithms.parse(name), variables, algorithms.MaskSpec(), local_epochs=1)
+  states = {name: algorithms.init(algorithms.parse(name), variables, masks.MaskSpec(), local_epochs=1)
             for name in ("fedavg", "fedavgm", "fedadam", "fedyogi")}
   for name, state in states.items():
     assert isinstance(state.hyper, algorithms.ClientHyper) and isinstance(state.server, algorithms.ServerHyper)
@@ -395,7 +395,7 @@ def test_bad_config_values_are_clear_errors_before_anything_is_written(tmp_path)
 def test_a_round_sharded_over_devices_equals_the_single_device_round():
   script = """
 import jax, jax.numpy as jnp, numpy as np, ml_collections
-from tna_jax import models, optim, sharding
+from tna_jax import masks, models, optim, sharding
 from tna_jax.federated import algorithms, client, partition
 rng = np.random.default_rng(0)
 images = rng.integers(0, 256, (300, 8, 8, 1), dtype=np.uint8)
@@ -405,7 +405,7 @@ model = models.get_model(ml_collections.ConfigDict(dict(name="mlp", depth=1, wid
 variables = models.init_variables(model, jax.random.key(0), (8, 8, 1))
 tx = optim.make_optimizer(ml_collections.ConfigDict(dict(name="sgd", learning_rate=0.05, momentum=0.9)), 100)
 spec = algorithms.RoundSpec(batch_size=16, local_epochs=1, clients_per_round=6)
-state = algorithms.init(algorithms.parse("fedpfn"), variables, algorithms.MaskSpec(), local_epochs=1)
+state = algorithms.init(algorithms.parse("fedpfn"), variables, masks.MaskSpec(), local_epochs=1)
 mesh = sharding.make_mesh(6, 16)
 assert mesh.shape[sharding.MODELS] == 2 and mesh.shape[sharding.DATA] == 2, mesh.shape
 out = []

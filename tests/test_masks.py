@@ -1,5 +1,8 @@
 """Masks are reproducible and have the requested fraction; frozen entries never move."""
 
+import dataclasses
+import zlib
+
 import jax
 import jax.numpy as jnp
 import ml_collections
@@ -7,7 +10,7 @@ import numpy as np
 import optax
 import pytest
 
-from tna_jax import masks, optim
+from tna_jax import masks, optim, tree_utils
 from tna_jax.errors import ConfigError
 
 
@@ -124,3 +127,77 @@ def test_update_without_mask_fails_instead_of_training_everything():
 def test_bad_optimizer_config_is_a_clear_error(cfg, match):
   with pytest.raises(ConfigError, match=match):
     _opt(**cfg)
+
+
+# ----------------------------------------------------------------------------- the mask of a config
+
+
+def _mask_section(**overrides) -> ml_collections.ConfigDict:
+  section = dict(fixed_fraction=0.4, granularity="weight", include="", exclude="", seed=7)
+  return ml_collections.ConfigDict({**section, **overrides})
+
+
+@pytest.mark.parametrize("overrides", [{}, {"granularity": "neuron"}, {"include": "kernel", "exclude": "^Dense_1/"}])
+def test_from_config_draws_the_mask_the_hand_unpacked_call_draws(overrides):
+  section = _mask_section(**overrides)
+  by_hand = masks.fixed_mask(_params(), section.fixed_fraction, seed=section.seed, granularity=section.granularity,
+                             include=section.include, exclude=section.exclude)
+  jax.tree.map(np.testing.assert_array_equal, masks.from_config(_params(), section), by_hand)
+  assert masks.fraction_fixed(by_hand) > 0
+
+
+def test_mask_spec_round_trip_and_redraw():
+  federated = _mask_section(granularity="neuron", include="kernel", redraw="per_round")
+  spec = masks.MaskSpec.from_config(federated)
+  assert dataclasses.asdict(spec) == federated.to_dict()
+  assert masks.MaskSpec.from_config(dataclasses.asdict(spec)) == spec
+  assert hash(masks.MaskSpec.from_config(federated)) == hash(spec)  # a static argument of a compiled round
+  # The lmc and soup configs have no `redraw`: one mask for the run.
+  assert masks.MaskSpec.from_config(_mask_section()).redraw == "fixed"
+  spec = masks.MaskSpec.from_config(_mask_section())
+  params = _params()
+  jax.tree.map(np.testing.assert_array_equal, spec.draw(params),
+               masks.fixed_mask(params, spec.fixed_fraction, seed=spec.seed))
+  redrawn = jax.jit(spec.draw)(params, jnp.uint32(spec.seed + 1))  # a traced seed, as a federated round has
+  jax.tree.map(np.testing.assert_array_equal, redrawn,
+               masks.fixed_mask(params, spec.fixed_fraction, seed=spec.seed + 1))
+  with pytest.raises(ConfigError, match="mask.redraw='always'.*fixed, per_round"):
+    masks.MaskSpec(redraw="always")
+
+
+def test_frozen_except_freezes_what_the_pattern_does_not_name():
+  params = _params()
+  frozen = masks.frozen_except(params, "^Dense_1/")
+  assert np.asarray(frozen["Dense_0"]["kernel"]).all() and np.asarray(frozen["Dense_0"]["bias"]).all()
+  assert not np.asarray(frozen["Dense_1"]["kernel"]).any() and not np.asarray(frozen["Dense_1"]["bias"]).any()
+  assert masks.fraction_fixed(masks.frozen_except(params, "")) == 0.0  # '' = everything trains
+  with pytest.raises(ConfigError, match=r"finetune.trainable='\(' is not a valid regular expression"):
+    masks.frozen_except(params, "(")
+  with pytest.raises(ConfigError, match="finetune.trainable='lora' matches no parameter path"):
+    masks.frozen_except(params, "lora")
+
+
+# ----------------------------------------------------------------------------- the path strings behind the keys
+
+
+def test_path_strings_are_slash_joined_keys():
+  # Dict keys, sequence indices and named-tuple fields (optimizer states) alike.
+  tree = {"params": {"Dense_0": {"kernel": 0}}, "stack": [0, (0,)],
+          "state": optax.ScaleByAdamState(count=0, mu={"Dense_0": 0}, nu=None)}
+  paths = [tree_utils.path_str(path) for path, _ in jax.tree_util.tree_leaves_with_path(tree)]
+  assert paths == ["params/Dense_0/kernel", "stack/0", "stack/1/0", "state/count", "state/mu/Dense_0"]
+
+
+def test_each_leaf_key_is_the_crc_of_its_path_string():
+  # The mask of a leaf is drawn with fold_in(key(seed), crc32('Dense_0/kernel')): changing the
+  # path strings (separator, key formatting) would silently change every mask and permutation.
+  params, seed, fraction = _params(), 4, 0.3
+  mask = masks.fixed_mask(params, fraction, seed=seed)
+  for path in ("Dense_0/kernel", "Dense_1/bias"):
+    module, name = path.split("/")
+    key = jax.random.fold_in(jax.random.key(seed), zlib.crc32(path.encode()) & 0x7FFFFFFF)
+    expected = jax.random.bernoulli(key, fraction, params[module][name].shape)
+    np.testing.assert_array_equal(mask[module][name], expected)
+  neuron = masks.fixed_mask(params, fraction, seed=seed, granularity="neuron")  # one draw per unit of 'Dense_0'
+  key = jax.random.fold_in(jax.random.key(seed), zlib.crc32(b"Dense_0") & 0x7FFFFFFF)
+  np.testing.assert_array_equal(neuron["Dense_0"]["bias"], jax.random.bernoulli(key, fraction, (400,)))

@@ -1,6 +1,7 @@
 """Weight and activation matching: recover known permutations, optimal assignments, and
 agree between the on-device (optax) and host (scipy) solvers."""
 
+import collections
 import itertools
 
 import flax.linen as nn
@@ -164,3 +165,22 @@ def test_a_registered_user_model_is_aligned_by_weight_matching(monkeypatch):
   jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-6), aligned, variables)
   x = jnp.asarray(np.random.default_rng(0).normal(size=(4, 8, 8, 1)), jnp.float32)
   np.testing.assert_allclose(model.apply(moved, x), model.apply(variables, x), rtol=1e-5, atol=1e-6)
+
+
+def test_compiled_searches_are_kept_up_to_the_bound(monkeypatch):
+  """The cache of compiled searches keeps the most recently used ones and drops the oldest."""
+  monkeypatch.setattr(matching, "MAX_EXECUTABLES", 2)
+  monkeypatch.setattr(matching, "_EXECUTABLES", collections.OrderedDict())
+  pairs = {width: _two_mlps(depth=1, width=width) for width in (3, 4, 5)}
+
+  def search(width):
+    model, a, b = pairs[width]
+    return matching.weight_matching(permutations.spec_for(model, {"params": a}), a, b, solver="scipy")
+
+  assert search(3).compile_seconds > 0
+  assert search(4).compile_seconds > 0
+  assert search(3).compile_seconds == 0  # kept, and now the most recently used
+  assert search(5).compile_seconds > 0  # drops width 4, the least recently used
+  assert len(matching._EXECUTABLES) == 2  # pylint: disable=protected-access
+  assert search(3).compile_seconds == 0
+  assert search(4).compile_seconds > 0

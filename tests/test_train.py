@@ -1,12 +1,14 @@
 """K models trained together equal the same models trained one by one; masks hold."""
 
+import dataclasses
+
 import jax
 import jax.numpy as jnp
 import ml_collections
 import numpy as np
 import pytest
 
-from tna_jax import data, masks, models, optim, sharding, train
+from tna_jax import data, execution, masks, models, optim, sharding, train
 
 
 def _dataset(n=512, num_classes=10, seed=0):
@@ -49,8 +51,10 @@ def test_models_trained_together_equal_models_trained_one_by_one(model_cfg):
   stack = lambda: train.stack([train.init_train_state(tx, variables, mask)] * len(seeds))
   images, labels = jnp.asarray(ds.train_images), jnp.asarray(ds.train_labels)
   together, history = _fit(model, tx, stack(), seeds, ds, epochs)
-  vmapped_epochs = train.make_train_epochs(model, tx, sharding.make_mesh(devices=jax.devices()[:1]), batch_size=64,
-                                           mean=ds.mean, std=ds.std, num_examples=len(labels), sequential=False)
+  mesh = sharding.make_mesh(devices=jax.devices()[:1])
+  vmapped_epochs = train.make_train_epochs(model, tx, mesh, batch_size=64, mean=ds.mean, std=ds.std,
+                                           num_examples=len(labels),
+                                           policy=dataclasses.replace(execution.policy(mesh), sequential=False))
   vmapped = stack()
   for epoch in range(epochs):
     vmapped, _ = vmapped_epochs(vmapped, jnp.asarray(seeds), epoch, images, labels)

@@ -90,7 +90,7 @@ def test_lora_finetuning_with_a_mask_on_the_adapters_only():
   model = _vit(lora_rank=2, depth=1, pool="gap")
   variables = _init(model)
   params = variables["params"]
-  frozen = transformers.frozen_except(params, "lora|head")
+  frozen = masks.frozen_except(params, "lora|head")
   tna = masks.fixed_mask(params, 0.5, seed=0, include="lora")
   fixed = jax.tree.map(jnp.logical_or, frozen, tna)
   rng = np.random.default_rng(0)
@@ -152,4 +152,4 @@ def test_bad_knobs_are_config_errors():
   with pytest.raises(ConfigError, match="not divisible"):
     _shapes(_vit(width=15, num_heads=2))
   with pytest.raises(ConfigError, match="matches no parameter"):
-    transformers.frozen_except(_shapes(_vit()), "lora")
+    masks.frozen_except(_shapes(_vit()), "lora")

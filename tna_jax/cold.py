@@ -24,7 +24,7 @@ import jax.numpy as jnp
 import numpy as np
 from tqdm import tqdm
 
-from tna_jax import data, evaluate, masks, models, sharding, soup, stacking, train
+from tna_jax import data, evaluate, execution, masks, models, sharding, soup, stacking, train
 
 PyTree = Any
 ABSENT_CLASS_BIAS = -1e9
@@ -122,9 +122,10 @@ def cold_fusion(model, tx, base: dict, heads: PyTree, fixed: PyTree, tasks: Task
   by_model, replicated = sharding.named(mesh, sharding.MODELS), sharding.named(mesh)
   repeat = lambda tree: jax.tree.map(lambda x: jnp.repeat(x, num_tasks, axis=0), tree)  # [V] -> [V*T]
   tile = lambda tree: jax.tree.map(lambda x: np.tile(x, (num_variants,) + (1,) * (x.ndim - 1)), tree)  # [T] -> [V*T]
+  policy = execution.policy(mesh)
   epoch_fn = stacking.map_stacked(train.make_epoch_fn(model, tx, batch_size=batch_size, mean=tasks.mean,
-                                                      std=tasks.std, mesh=mesh),
-                                  sequential=stacking.sequential_default(mesh), spmd_axis_name=sharding.MODELS)
+                                                      std=tasks.std, mesh=mesh, policy=policy),
+                                  sequential=policy.sequential, spmd_axis_name=sharding.MODELS)
 
   @jax.jit(out_shardings=by_model)
   def start_round(base, heads, fixed):  # every (variant, task) model: the variant's base, the task's head

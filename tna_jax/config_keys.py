@@ -292,7 +292,7 @@ KEYS: tuple[Key, ...] = (
         form=f"{', '.join(algorithms.BASES)} with +{', +'.join(algorithms.MODIFIERS)}"),
     Key("prox_mu", float, "FedProx proximal weight", experiments=FED, low=0, applies=_fed_algorithm("prox"),
         condition="an algorithm has the proximal term"),
-    Key("mask.redraw", str, "one mask for the run, or a new one every round", choices=algorithms.MASK_REDRAW,
+    Key("mask.redraw", str, "one mask for the run, or a new one every round", choices=masks.REDRAWS,
         experiments=FED, applies=_mask_used, condition=_FED_MASK_USED),
     Key("server.learning_rate", float, "SGD servers (all but fedadam, fedyogi): step on the weighted mean client "
         "update", experiments=FED, low=0, low_open=True, applies=_server_optimizer("sgd"),

@@ -25,7 +25,8 @@ def canonical_convolutions(fn: Callable) -> Callable:
 
   Traces `fn` at each call (inside the caller's jit), then evaluates its jaxpr with each
   `conv_general_dilated` replaced, inlining nested jit calls so that convolutions inside
-  them are reached too. Use it around a training step that runs inside a loop on CPU.
+  them are reached too. Use it around a training step that runs inside a loop on CPU
+  (`execution.ExecutionPolicy.convolutions` does, where the platform is CPU).
   """
 
   @functools.wraps(fn)
@@ -35,12 +36,6 @@ def canonical_convolutions(fn: Callable) -> Callable:
     return jax.tree.unflatten(jax.tree.structure(out_shape), flat)
 
   return wrapped
-
-
-def canonical_on_cpu(fn: Callable, platform: str | None = None) -> Callable:
-  """`canonical_convolutions(fn)` when the program runs on CPU (`platform`, default: JAX's
-  default backend); `fn` itself elsewhere, where every layout is already fast."""
-  return canonical_convolutions(fn) if (platform or jax.default_backend()) == "cpu" else fn
 
 
 def _eval(jaxpr: jex_core.Jaxpr, consts, *args) -> list:

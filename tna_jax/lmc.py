@@ -2,7 +2,7 @@
 
 A whole curve is ONE compiled call: a map over interpolation coefficients (vmapped on
 accelerators, in chunks when memory is tight; one after another on CPU, see
-`tna_jax.stacking`) of a scan over test batches, instead of a Python loop that re-enters
+`tna_jax.execution`) of a scan over test batches, instead of a Python loop that re-enters
 the device once per alpha and batch. Options of the curve, applied at every
 alpha inside that call: BatchNorm statistics re-estimated on training batches
 (`bn_mode='reset'`) and REPAIR (`repair=True`, see `tna_jax.repair`).
@@ -14,7 +14,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from tna_jax import data, evaluate, repair as repair_lib, stacking
+from tna_jax import data, evaluate, execution, repair as repair_lib
 
 PyTree = Any
 BN_MODES = ("raw", "reset")
@@ -47,7 +47,7 @@ def reestimate_batch_stats(model, variables: dict, images: jax.Array, mean, std)
 
 def lmc_curve(model, variables_a: dict, variables_b: dict, alphas: jax.Array, batches: evaluate.Batches, mean,
               std, *, bn_mode: str = "raw", repair: bool = False, reset_images: jax.Array | None = None,
-              alpha_chunk: int = 0) -> dict[str, jax.Array]:
+              alpha_chunk: int = 0, policy: execution.ExecutionPolicy | None = None) -> dict[str, jax.Array]:
   """Test loss and accuracy at every alpha of the segment from model a to model b.
 
   Args:
@@ -62,8 +62,9 @@ def lmc_curve(model, variables_a: dict, variables_b: dict, alphas: jax.Array, ba
       statistics are measured on all `reset_images` at once (S * B images per alpha; lower
       `alpha_chunk` if memory is tight) and the endpoints are left unchanged.
     reset_images: uint8 [S, B, H, W, C] training batches for bn_mode='reset' and repair.
-    alpha_chunk: alphas evaluated at once (vmapped); 0 = automatic: all of them on
-      accelerators, one at a time on CPU (`stacking.sequential_default`).
+    alpha_chunk: alphas evaluated at once (vmapped); 0 = the policy's choice: all of them
+      on accelerators, one at a time on CPU.
+    policy: where the curve runs (default `execution.policy()`, JAX's default backend).
 
   Returns:
     {'loss': [A], 'accuracy': [A]}.
@@ -74,12 +75,12 @@ def lmc_curve(model, variables_a: dict, variables_b: dict, alphas: jax.Array, ba
     raise ValueError("bn_mode='reset' and repair=True need reset_images")
   if alpha_chunk < 0:
     raise ValueError(f"alpha_chunk={alpha_chunk}; allowed: 0 (automatic) or a positive number of alphas")
-  alpha_chunk = alpha_chunk or (1 if stacking.sequential_default() else 0)
+  alpha_chunk = alpha_chunk or (policy or execution.policy()).alpha_chunk
   return _curve(model, bn_mode, repair, alpha_chunk, variables_a, variables_b, alphas, batches, mean, std,
                 reset_images)
 
 
-@jax.jit(static_argnums=(0, 1, 2, 3, 8, 9))
+@jax.jit(static_argnames=("model", "bn_mode", "repair", "alpha_chunk", "mean", "std"))
 def _curve(model, bn_mode, repair, alpha_chunk, variables_a, variables_b, alphas, batches, mean, std, reset_images):
   apply_fn = evaluate.inference_fn(model)
 

@@ -9,6 +9,7 @@ constant compiled into the step, so one compiled program serves any mask: vanill
 False), TNA-PFN, its reverse (FedPNU) or many masks vmapped side by side.
 """
 
+import dataclasses
 import re
 from typing import Any, NamedTuple
 
@@ -21,6 +22,7 @@ from tna_jax.errors import ConfigError, check_choice, parse_list
 
 PyTree = Any
 GRANULARITIES = ("weight", "neuron")
+REDRAWS = ("fixed", "per_round")  # MaskSpec.redraw: one mask for the whole run, or a new one each federated round
 
 
 def fixed_mask(
@@ -53,7 +55,7 @@ def fixed_mask(
   if not 0.0 <= fixed_fraction < 1.0:
     raise ConfigError(f"mask fixed_fraction={fixed_fraction!r} is out of range; allowed: 0 <= fixed_fraction < 1.")
   check_choice("mask.granularity", granularity, GRANULARITIES)
-  include_re, exclude_re = _compile(include, "include"), _compile(exclude, "exclude")
+  include_re, exclude_re = _compile(include, "mask.include"), _compile(exclude, "mask.exclude")
   root = jax.random.key(seed)
 
   def leaf_mask(path: str, leaf: jax.Array) -> jax.Array:
@@ -69,13 +71,14 @@ def fixed_mask(
   return tree_utils.map_with_path_str(leaf_mask, params)
 
 
-def _compile(pattern: str, what: str) -> re.Pattern | None:
+def _compile(pattern: str, key: str) -> re.Pattern | None:
+  """The regex of config key `key`; None for '' (no pattern)."""
   if not pattern:
     return None
   try:
     return re.compile(pattern)
   except re.error as e:
-    raise ConfigError(f"mask.{what}={pattern!r} is not a valid regular expression: {e}.") from None
+    raise ConfigError(f"{key}={pattern!r} is not a valid regular expression: {e}.") from None
 
 
 def no_mask(params: PyTree) -> PyTree:
@@ -100,6 +103,60 @@ def prune(params: PyTree, mask: PyTree) -> PyTree:
   Trained with the same mask through `freeze`, the pruned entries stay exactly zero.
   """
   return jax.tree.map(lambda p, m: jnp.where(m, jnp.zeros_like(p), p), params, mask)
+
+
+@dataclasses.dataclass(frozen=True)
+class MaskSpec:
+  """The TNA-PFN mask of a run: the arguments of `fixed_mask`, and how often it is redrawn.
+
+  Frozen and hashable, so a compiled program can close over it (a federated round redraws
+  the mask inside the program with a traced seed). `redraw` only matters to federated runs.
+  """
+
+  fixed_fraction: float = 0.4
+  seed: int = 0
+  granularity: str = "weight"
+  include: str = ""
+  exclude: str = ""
+  redraw: str = "fixed"  # fixed: one mask for the whole run; per_round: a new mask each round
+
+  def __post_init__(self):
+    check_choice("mask.redraw", self.redraw, REDRAWS)
+
+  @classmethod
+  def from_config(cls, mask_config) -> "MaskSpec":
+    """The spec of a config's `mask` section (a ConfigDict or mapping; `redraw` is optional,
+    since only federated configs have it)."""
+    return cls(fixed_fraction=mask_config["fixed_fraction"], seed=mask_config["seed"],
+               granularity=mask_config["granularity"], include=mask_config["include"],
+               exclude=mask_config["exclude"], redraw=mask_config.get("redraw", "fixed"))
+
+  def draw(self, params: PyTree, seed: int | jax.Array | None = None) -> PyTree:
+    """`fixed_mask` of `params` with this spec; `seed` (default: the spec's) may be traced,
+    as when a federated round derives it from the round number."""
+    return fixed_mask(params, self.fixed_fraction, seed=self.seed if seed is None else seed,
+                      granularity=self.granularity, include=self.include, exclude=self.exclude)
+
+
+def from_config(params: PyTree, mask_config) -> PyTree:
+  """The TNA-PFN mask of `params` that a config's `mask` section describes."""
+  return MaskSpec.from_config(mask_config).draw(params)
+
+
+def frozen_except(params: PyTree, trainable: str) -> PyTree:
+  """The mask that freezes every entry whose path does not match the regex `trainable`.
+
+  `frozen_except(params, 'lora|head')` is LoRA fine-tuning: pretrained weights stay put,
+  adapters and the head train. '' means everything trains (the all-False mask). Combine
+  with a TNA-PFN mask by logical or.
+  """
+  pattern = _compile(trainable, "finetune.trainable")
+  if pattern is None:
+    return no_mask(params)
+  frozen = tree_utils.map_with_path_str(lambda path, p: jnp.full(p.shape, not pattern.search(path)), params)
+  if not any(bool(jnp.any(~m)) for m in jax.tree.leaves(frozen)):
+    raise ConfigError(f"finetune.trainable={trainable!r} matches no parameter path, so nothing would train.")
+  return frozen
 
 
 class FreezeState(NamedTuple):
@@ -142,11 +199,8 @@ def starting_masks(config, params: PyTree) -> dict[str, PyTree]:
   """Each variant's fixed mask for fine-tuning from one base (soups and ColD alike):
   entries outside `config.finetune.trainable`, plus (tna) the shared TNA-PFN mask of
   `config.mask`."""
-  # Imported on use: tna_jax.transformers imports this module for its masks.
-  from tna_jax import transformers  # pylint: disable=g-import-not-at-top
-  frozen = transformers.frozen_except(params, config.finetune.trainable)
-  tna = fixed_mask(params, config.mask.fixed_fraction, seed=config.mask.seed, granularity=config.mask.granularity,
-                   include=config.mask.include, exclude=config.mask.exclude)
+  frozen = frozen_except(params, config.finetune.trainable)
+  tna = from_config(params, config.mask)
   return {"vanilla": frozen, "tna": jax.tree.map(jnp.logical_or, frozen, tna)}
 
 

@@ -16,12 +16,13 @@ Two searches over the permutations of a `permutations.PermutationSpec`:
   the others fixed.
 
 Linear assignments are solved either by optax's jittable Hungarian algorithm (on device)
-or by scipy's `linear_sum_assignment` through a host callback; 'auto' takes the host
-solver on CPU, where it is faster, and the device solver on accelerators.
+or by scipy's `linear_sum_assignment` through a host callback; 'auto' takes the one the
+execution policy names (`execution.ExecutionPolicy.solver`): the host solver on CPU, where
+it is faster, and the device solver on accelerators.
 """
 
+import collections
 import dataclasses
-import functools
 import time
 from collections.abc import Mapping
 from typing import Any
@@ -32,7 +33,7 @@ import numpy as np
 import optax
 import scipy.optimize
 
-from tna_jax import data, permutations, tree_utils
+from tna_jax import data, execution, permutations, tree_utils
 from tna_jax.errors import check_choice
 
 PyTree = Any
@@ -60,11 +61,11 @@ class MatchResult:
             "objective": self.objective, "initial_objective": self.initial_objective}
 
 
-def resolve_solver(solver: str) -> str:
-  """'hungarian' or 'scipy' for `solver`; 'auto' picks the faster one for this backend."""
+def resolve_solver(solver: str, policy: execution.ExecutionPolicy | None = None) -> str:
+  """'hungarian' or 'scipy' for `solver`; 'auto' is the policy's (default `execution.policy()`)."""
   check_choice("matching.solver", solver, SOLVERS)
   if solver == "auto":
-    return "scipy" if jax.default_backend() == "cpu" else "hungarian"
+    return (policy or execution.policy()).solver
   return solver
 
 
@@ -110,30 +111,43 @@ def _permuted_leaves(spec: permutations.PermutationSpec, flat: Mapping[str, Any]
   return {name: tuple(unit for unit in spec.axes_of(name) if unit.path in flat) for name in spec.names}
 
 
-# Compiled searches by (function, static arguments, argument structure and shapes): a
-# repeated search (the next variant's pair, a benchmark repeat) skips tracing as well as
-# compiling, which for a ResNet costs more than the search itself.
-_EXECUTABLES: dict[tuple, Any] = {}
+# Compiled searches by (function, static arguments, argument structure and shapes), the
+# least recently used first.
+_EXECUTABLES: collections.OrderedDict[tuple, Any] = collections.OrderedDict()
+MAX_EXECUTABLES = 16
 
 
 def _compile_and_run(jitted, static: tuple, dynamic: tuple) -> tuple[Any, float, float]:
   """Runs `jitted(*static, *dynamic)` compiled ahead of time; returns (output, run seconds,
-  compile seconds), the latter 0 when this signature was compiled before."""
+  compile seconds), the latter 0 when this signature was compiled before.
+
+  A repeated search (the next variant's pair, a benchmark repeat) skips tracing as well as
+  compiling, which for a ResNet costs more than the search itself. The cache keeps the
+  `MAX_EXECUTABLES` most recently used searches: an experiment needs a handful (one per
+  model, method and solver), while a process that aligns many different models (a notebook,
+  a test session, a sweep) would otherwise hold every executable, and the model and spec in
+  its key, until it exits. jit's own cache cannot serve here: the search is run from its
+  `Compiled` object so that compiling and running are timed apart.
+  """
   leaves, treedef = jax.tree.flatten(dynamic)
   signature = (jitted, static, treedef, tuple(jax.typeof(x) for x in leaves))
   compile_seconds = 0.0
-  if signature not in _EXECUTABLES:
+  if signature in _EXECUTABLES:
+    _EXECUTABLES.move_to_end(signature)
+  else:
     start = time.perf_counter()
     _EXECUTABLES[signature] = jitted.lower(*static, *dynamic).compile()
     compile_seconds = time.perf_counter() - start
+    if len(_EXECUTABLES) > MAX_EXECUTABLES:
+      _EXECUTABLES.popitem(last=False)
   start = time.perf_counter()
   out = jax.block_until_ready(_EXECUTABLES[signature](*dynamic))
   return out, time.perf_counter() - start, compile_seconds
 
 
 def weight_matching(spec: permutations.PermutationSpec, params_a: PyTree, params_b: PyTree, *, seed: int = 0,
-                    max_iterations: int = 100, solver: str = "auto",
-                    names: tuple[str, ...] | None = None) -> MatchResult:
+                    max_iterations: int = 100, solver: str = "auto", names: tuple[str, ...] | None = None,
+                    policy: execution.ExecutionPolicy | None = None) -> MatchResult:
   """Permutations of model b's units that maximize sum over leaves of <a, P b>.
 
   Args:
@@ -143,6 +157,7 @@ def weight_matching(spec: permutations.PermutationSpec, params_a: PyTree, params
     max_iterations: at most this many sweeps (the descent usually stops earlier).
     solver: 'auto', 'hungarian' (optax, on device) or 'scipy' (host callback).
     names: search only these permutations (the others stay the identity); None: all.
+    policy: decides what 'auto' means (default `execution.policy()`).
 
   Returns:
     A MatchResult with a permutation for every name of the spec;
@@ -152,13 +167,14 @@ def weight_matching(spec: permutations.PermutationSpec, params_a: PyTree, params
   flat_a, flat_b = leaves_by_path(params_a), leaves_by_path(params_b)
   names = spec.names if names is None else tuple(names)
   (perms, sweeps, objective, initial), seconds, compile_seconds = _compile_and_run(
-      _weight_matching, (spec, resolve_solver(solver), max_iterations, names), (flat_a, flat_b, jax.random.key(seed)))
+      _weight_matching, (spec, resolve_solver(solver, policy), max_iterations, names),
+      (flat_a, flat_b, jax.random.key(seed)))
   perms = {**permutations.identity(spec), **dict(zip(names, perms))}
   return MatchResult(perms=perms, iterations=int(sweeps), seconds=seconds,
                      compile_seconds=compile_seconds, objective=float(objective), initial_objective=float(initial))
 
 
-@functools.partial(jax.jit, static_argnums=(0, 1, 2, 3))
+@jax.jit(static_argnames=("spec", "solver", "max_iterations", "names"))
 def _weight_matching(spec, solver, max_iterations, names, flat_a, flat_b, key):
   sizes = dict(spec.sizes)
   leaves = _permuted_leaves(spec, flat_a)
@@ -250,7 +266,7 @@ def _propose(flat_a, b, leaves, group, size, solver) -> tuple[dict[str, jax.Arra
 
 def activation_matching(model, spec: permutations.PermutationSpec, variables_a: dict, variables_b: dict,
                         images: jax.Array, mean, std, *, solver: str = "auto", seed: int = 0,
-                        max_iterations: int = 100) -> MatchResult:
+                        max_iterations: int = 100, policy: execution.ExecutionPolicy | None = None) -> MatchResult:
   """Permutations pairing each unit of a with the unit of b it correlates with most.
 
   Permutations without an activation site (attention heads and head dimensions, see
@@ -265,12 +281,13 @@ def activation_matching(model, spec: permutations.PermutationSpec, variables_a: 
     mean, std: normalization of the images.
     solver: 'auto', 'hungarian' or 'scipy'.
     seed, max_iterations: of the weight matching of permutations without sites.
+    policy: decides what 'auto' means (default `execution.policy()`).
 
   Returns:
     A MatchResult; `objective` and `initial_objective` are the mean correlation of the
     units with sites; `iterations` is 1 plus the weight-matching sweeps, if any.
   """
-  solver = resolve_solver(solver)
+  solver = resolve_solver(solver, policy)
   sites = dict(spec.sites)
   sited = tuple(name for name in spec.names if name in sites)
   (perms, matched, initial), seconds, compile_seconds = _compile_and_run(
@@ -290,7 +307,7 @@ def activation_matching(model, spec: permutations.PermutationSpec, variables_a: 
                              compile_seconds=compile_seconds + weights.compile_seconds)
 
 
-@functools.partial(jax.jit, static_argnums=(0, 1, 2, 3, 4, 5))
+@jax.jit(static_argnames=("model", "spec", "names", "solver", "mean", "std"))
 def _activation_matching(model, spec, names, solver, mean, std, variables_a, variables_b, images):
   sites = dict(spec.sites)
   modules = sorted({m for name in names for m in sites[name]})
@@ -328,19 +345,20 @@ def _activation_matching(model, spec, names, solver, mean, std, variables_a, var
 
 
 def align(method: str, model, variables_a: dict, variables_b: dict, *, images: jax.Array | None = None,
-          mean=None, std=None, seed: int = 0, max_iterations: int = 100,
-          solver: str = "auto") -> tuple[dict, MatchResult]:
+          mean=None, std=None, seed: int = 0, max_iterations: int = 100, solver: str = "auto",
+          policy: execution.ExecutionPolicy | None = None) -> tuple[dict, MatchResult]:
   """Model b's variables permuted to match model a, by `method` ('weight' | 'activation').
 
   Activation matching needs `images` (uint8 [S, B, ...] training batches), `mean`, `std`.
+  `policy` decides what solver='auto' means (default `execution.policy()`).
   BatchNorm statistics follow their units, so the aligned model computes what b did.
   """
   check_choice("align", method, METHODS)
   spec = permutations.spec_for(model, variables_a)
   if method == "weight":
     result = weight_matching(spec, variables_a["params"], variables_b["params"], seed=seed,
-                             max_iterations=max_iterations, solver=solver)
+                             max_iterations=max_iterations, solver=solver, policy=policy)
   else:
     result = activation_matching(model, spec, variables_a, variables_b, images, mean, std, solver=solver, seed=seed,
-                                 max_iterations=max_iterations)
+                                 max_iterations=max_iterations, policy=policy)
   return permutations.permute_variables(spec, variables_b, result.perms), result

@@ -21,7 +21,7 @@ import jax
 import jax.numpy as jnp
 import optax
 
-from tna_jax import evaluate, sharding, stacking, train
+from tna_jax import evaluate, execution, sharding, stacking, train
 
 PyTree = Any
 
@@ -51,7 +51,7 @@ def evaluate_stack(model, stacked_variables: PyTree, batches: evaluate.Batches, 
 def _evaluate_stack(model, mean, std, per_model_batches, mesh, stacked, batches):
   apply_fn = evaluate.inference_fn(model)
   return stacking.map_stacked(lambda v, b: evaluate.evaluate(apply_fn, v, b, mean, std),
-                              sequential=stacking.sequential_default(mesh),
+                              sequential=execution.policy(mesh).sequential,
                               in_axes=(0, 0 if per_model_batches else None),
                               spmd_axis_name=sharding.MODELS if mesh is not None else None)(stacked, batches)
 
@@ -85,7 +85,7 @@ def _greedy(model, mean, std, stacked, batches) -> GreedySoup:
   def accuracy(variables):
     return evaluate.evaluate(apply_fn, variables, batches, mean, std)["accuracy"]
 
-  individual = stacking.map_stacked(accuracy, sequential=stacking.sequential_default())(stacked)
+  individual = stacking.map_stacked(accuracy, sequential=execution.policy().sequential)(stacked)
   order = jnp.argsort(-individual, stable=True)
   total = train.unstack(stacked, order[0])
 

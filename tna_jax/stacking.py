@@ -12,22 +12,13 @@ leading axis of stacked pytrees. There are two ways to do that inside one progra
   another), and batching gains nothing on a compute-bound CPU even without convolutions
   (4 MLPs 4x512 trained: batched 0.51 s, one after another 0.45 s; BENCHMARKS.md).
 
-Both give the same numbers up to float rounding; only the speed differs.
+Both give the same numbers up to float rounding; only the speed differs. Which one a run
+uses is `execution.ExecutionPolicy.sequential`.
 """
 
-from typing import Any, Callable, Sequence
+from typing import Callable, Sequence
 
 import jax
-
-from tna_jax import sharding
-
-
-def sequential_default(mesh: jax.sharding.Mesh | None = None) -> bool:
-  """Whether stacked work should run one after another: on CPU, unless the mesh spreads the
-  models over several devices (then each device holds its own models and vmap splits them)."""
-  if mesh is None:
-    return jax.default_backend() == "cpu"
-  return mesh.devices.flat[0].platform == "cpu" and mesh.shape[sharding.MODELS] == 1
 
 
 def map_stacked(fn: Callable, *, sequential: bool, in_axes: int | None | Sequence[int | None] = 0,

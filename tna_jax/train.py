@@ -22,7 +22,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
-from tna_jax import conv_layout, data, sharding, stacking
+from tna_jax import data, execution, sharding, stacking
 from tna_jax.errors import ConfigError
 
 PyTree = Any
@@ -73,7 +73,8 @@ def train_step(model, tx: optax.GradientTransformationExtraArgs, state: TrainSta
 
 def make_epoch_fn(model, tx: optax.GradientTransformationExtraArgs, *, batch_size: int, mean, std,
                   flip: bool = False, crop_padding: int = 0, num_examples: int | None = None,
-                  mesh: jax.sharding.Mesh | None = None) -> Callable:
+                  mesh: jax.sharding.Mesh | None = None,
+                  policy: execution.ExecutionPolicy | None = None) -> Callable:
   """`epoch(state, key, train_images, train_labels) -> (state, metrics)` for ONE model.
 
   `key` decides this model's data order (and augmentation) for this epoch; the last
@@ -83,11 +84,11 @@ def make_epoch_fn(model, tx: optax.GradientTransformationExtraArgs, *, batch_siz
   With a `mesh`, every batch is split over its 'data' axis; the order does not depend on
   the mesh, so any number of devices trains the same model. On CPU the step's
   convolutions are rewritten into the one layout XLA:CPU runs fast inside a loop
-  (`conv_layout`): without it a ResNet20 step inside this scan is ~20x slower.
+  (`policy.convolutions`, default `execution.policy(mesh)`): without it a ResNet20 step
+  inside this scan is ~20x slower.
   """
   augment = flip or crop_padding > 0
-  step_fn = conv_layout.canonical_on_cpu(functools.partial(train_step, model, tx),
-                                        mesh.devices.flat[0].platform if mesh is not None else None)
+  step_fn = (policy or execution.policy(mesh)).convolutions(functools.partial(train_step, model, tx))
 
   def epoch(state: TrainState, key: jax.Array, train_images: jax.Array, train_labels: jax.Array):
     n = num_examples or train_images.shape[0]
@@ -135,24 +136,23 @@ def create_states(init_fn: Callable[..., TrainState], mesh: jax.sharding.Mesh, *
 
 def make_train_epochs(model, tx: optax.GradientTransformationExtraArgs, mesh: jax.sharding.Mesh, *,
                       batch_size: int, mean, std, num_examples: int, flip: bool = False,
-                      crop_padding: int = 0, sequential: bool | None = None) -> Callable:
+                      crop_padding: int = 0, policy: execution.ExecutionPolicy | None = None) -> Callable:
   """`train_epochs(states, seeds, epoch, train_images, train_labels) -> (states, metrics)`.
 
   One compiled call trains the K stacked `states` (sharded on 'models', donated) for one
   epoch, model k in the data order of `seeds[k]` and `epoch`; the data are the sharded
   uint8 arrays of `sharding.shard_rows`. Metrics come back replicated, one value per model.
-  `sequential` trains the models one after another instead of vmapped (default: on CPU
-  meshes, `stacking.sequential_default`); the results agree up to float rounding.
+  `policy` (default `execution.policy(mesh)`) decides whether the models train one after
+  another or vmapped, and the convolution layout; the results agree up to float rounding.
   """
-  if sequential is None:
-    sequential = stacking.sequential_default(mesh)
+  policy = policy or execution.policy(mesh)
   epoch_fn = make_epoch_fn(model, tx, batch_size=batch_size, mean=mean, std=std, flip=flip,
-                           crop_padding=crop_padding, num_examples=num_examples, mesh=mesh)
+                           crop_padding=crop_padding, num_examples=num_examples, mesh=mesh, policy=policy)
 
   @jax.jit(donate_argnums=0, out_shardings=(sharding.named(mesh, sharding.MODELS), sharding.named(mesh)))
   def train_epochs(states, seeds, epoch, train_images, train_labels):
     keys = sharding.constrain(epoch_keys(seeds, epoch), mesh, sharding.MODELS)
-    return stacking.map_stacked(epoch_fn, sequential=sequential, in_axes=(0, 0, None, None),
+    return stacking.map_stacked(epoch_fn, sequential=policy.sequential, in_axes=(0, 0, None, None),
                                 spmd_axis_name=sharding.MODELS)(states, keys, train_images, train_labels)
 
   return train_epochs
@@ -167,8 +167,8 @@ def check_batch_size(batch_size: int, num_examples: int, what: str = "training e
 def fit(model, tx: optax.GradientTransformationExtraArgs, states: TrainState, data_seeds: list[int],
         dataset: "data.Dataset", *, num_epochs: int, batch_size: int, eval_batch_size: int, flip: bool = False,
         crop_padding: int = 0, on_epoch: Callable[[dict, TrainState], None] | None = None,
-        history: list[dict] | None = None, progress: bool = True,
-        mesh: jax.sharding.Mesh | None = None) -> tuple[TrainState, list[dict]]:
+        history: list[dict] | None = None, progress: bool = True, mesh: jax.sharding.Mesh | None = None,
+        policy: execution.ExecutionPolicy | None = None) -> tuple[TrainState, list[dict]]:
   """Trains the K stacked `states` for `num_epochs`; model k sees data order `data_seeds[k]`.
 
   One compiled call per epoch trains all K models, and a second evaluates all of them on
@@ -180,6 +180,8 @@ def fit(model, tx: optax.GradientTransformationExtraArgs, states: TrainState, da
   and the states after it (to checkpoint them). A resumed run passes the `history` of the
   epochs already done with the states after them: training continues at epoch
   `len(history)` exactly as if it had never stopped (epoch keys derive from the epoch).
+  `policy` (default `execution.policy(mesh)`) decides how the models execute, which changes
+  nothing beyond float rounding either.
   """
   from tqdm import tqdm  # pylint: disable=g-import-not-at-top
   from tna_jax import evaluate  # pylint: disable=g-import-not-at-top
@@ -187,15 +189,16 @@ def fit(model, tx: optax.GradientTransformationExtraArgs, states: TrainState, da
   num_train = len(dataset.train_labels)
   check_batch_size(batch_size, num_train)
   mesh = mesh or sharding.make_mesh(len(data_seeds), batch_size)
+  policy = policy or execution.policy(mesh)
   if batch_size % mesh.shape[sharding.DATA]:
     raise ValueError(f"batch_size={batch_size} must be a multiple of the mesh's data axis "
                      f"({mesh.shape[sharding.DATA]} devices)")
   train_epochs = make_train_epochs(model, tx, mesh, batch_size=batch_size, mean=dataset.mean, std=dataset.std,
-                                   num_examples=num_train, flip=flip, crop_padding=crop_padding)
+                                   num_examples=num_train, flip=flip, crop_padding=crop_padding, policy=policy)
   by_model, replicated = sharding.named(mesh, sharding.MODELS), sharding.named(mesh)
   apply_fn = evaluate.inference_fn(model)
   evaluate_one = lambda variables, batches: evaluate.evaluate(apply_fn, variables, batches, dataset.mean, dataset.std)
-  evaluate_all = jax.jit(stacking.map_stacked(evaluate_one, sequential=stacking.sequential_default(mesh),
+  evaluate_all = jax.jit(stacking.map_stacked(evaluate_one, sequential=policy.sequential,
                                               in_axes=(0, None), spmd_axis_name=sharding.MODELS),
                          out_shardings=replicated)
   states = sharding.put(states, by_model)

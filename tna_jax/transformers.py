@@ -10,13 +10,12 @@ Every Dense layer of the encoder (attention query/key/value/out and the MLP) can
 LoRA adapter: `lora_a` [fan_in, rank] and `lora_b` [rank, fan_out] (zero at init, so the
 adapter starts as the identity change), added as `(alpha / rank) * x @ lora_a @ lora_b`.
 Because the adapters are ordinary parameters whose paths contain 'lora', LoRA fine-tuning
-and TNA-PFN on the adapters alone are both plain masks: `frozen_except(params, 'lora|head')`
-freezes the pretrained weights, and `masks.fixed_mask(params, f, include='lora')` draws
-the anchors among the adapter entries only.
+and TNA-PFN on the adapters alone are both plain masks:
+`masks.frozen_except(params, 'lora|head')` freezes the pretrained weights, and
+`masks.fixed_mask(params, f, include='lora')` draws the anchors among the adapter entries only.
 """
 
 import math
-import re
 from typing import Any
 
 import flax.linen as nn
@@ -24,7 +23,6 @@ import jax
 import jax.numpy as jnp
 import ml_collections
 
-from tna_jax import masks, tree_utils
 from tna_jax.errors import ConfigError, check_choice
 
 PyTree = Any
@@ -226,22 +224,3 @@ def get_model(model_config: ml_collections.ConfigDict, num_classes: int) -> nn.M
   cls, knobs = _REGISTRY[name]
   kwargs = {k: model_config.get(k) for k in knobs if model_config.get(k) is not None}
   return cls(num_classes=num_classes, **kwargs)
-
-
-def frozen_except(params: PyTree, trainable: str) -> PyTree:
-  """The mask that freezes every entry whose path does not match the regex `trainable`.
-
-  `frozen_except(params, 'lora|head')` is LoRA fine-tuning: pretrained weights stay put,
-  adapters and the head train. '' means everything trains (the all-False mask). Combine
-  with a TNA-PFN mask by logical or.
-  """
-  if not trainable:
-    return masks.no_mask(params)
-  try:
-    pattern = re.compile(trainable)
-  except re.error as e:
-    raise ConfigError(f"finetune.trainable={trainable!r} is not a valid regular expression: {e}.") from None
-  frozen = tree_utils.map_with_path_str(lambda path, p: jnp.full(p.shape, not pattern.search(path)), params)
-  if not any(bool(jnp.any(~m)) for m in jax.tree.leaves(frozen)):
-    raise ConfigError(f"finetune.trainable={trainable!r} matches no parameter path, so nothing would train.")
-  return frozen

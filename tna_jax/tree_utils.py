@@ -9,16 +9,13 @@ PyTree = Any
 
 
 def path_str(path: tuple) -> str:
-  """'Dense_0/kernel' for a flax params path; stable across processes and runs."""
-  parts = []
-  for entry in path:
-    for attr in ("key", "name", "idx"):
-      if hasattr(entry, attr):
-        parts.append(str(getattr(entry, attr)))
-        break
-    else:
-      parts.append(str(entry))
-  return "/".join(parts)
+  """'Dense_0/kernel' for a flax params path; stable across processes and runs.
+
+  `jax.tree_util.keystr` in its simple form: each dict key, attribute name or sequence index
+  as `str`, joined by '/'. These strings feed the crc of `path_key`, so the per-leaf mask and
+  permutation keys depend on exactly this form (tests/test_masks.py pins it).
+  """
+  return jax.tree_util.keystr(path, simple=True, separator="/")
 
 
 def path_key(key: jax.Array, path: str) -> jax.Array:

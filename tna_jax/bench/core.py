@@ -6,6 +6,7 @@ alternating the two over several rounds so that a slow spell of a shared machine
 and reports the ratio of the medians with the absolute numbers behind it.
 """
 
+import dataclasses
 import functools
 import importlib.util
 import os
@@ -17,7 +18,7 @@ import ml_collections
 import numpy as np
 import optax
 
-from tna_jax import data, evaluate, lmc, masks, models, optim, sharding, stacking, train
+from tna_jax import data, evaluate, execution, lmc, masks, models, optim, sharding, train
 from tna_jax.bench import timing
 
 SGD = dict(name="sgd", learning_rate=0.05, momentum=0.9, weight_decay=5e-4)
@@ -69,11 +70,14 @@ class Trainer:
     self.model = models.get_model(ml_collections.ConfigDict(model_cfg), dataset.num_classes)
     self.tx = tx or optim.make_optimizer(ml_collections.ConfigDict(SGD), len(dataset.train_labels) // batch_size)
     self.mesh = sharding.make_mesh(devices=jax.devices()[:1])
+    self.policy = execution.policy(self.mesh)
+    if sequential is not None:  # a figure times both ways, whatever the device's own choice
+      self.policy = dataclasses.replace(self.policy, sequential=sequential)
     self.images, self.labels = (sharding.shard_rows(a, self.mesh) for a in (dataset.train_images,
                                                                                dataset.train_labels))
     self.train_epochs = train.make_train_epochs(self.model, self.tx, self.mesh, batch_size=batch_size,
                                                 mean=dataset.mean, std=dataset.std,
-                                                num_examples=len(dataset.train_labels), sequential=sequential)
+                                                num_examples=len(dataset.train_labels), policy=self.policy)
 
   def states(self, k: int) -> train.TrainState:
     """K copies of one initialization and mask, created in one compiled call."""
@@ -173,12 +177,12 @@ def replicas_speedup(quick: bool) -> dict:
 
   The baseline is the very same compiled epoch with K=1, called 4 times, the device's
   default way. Both ways of training together are timed (vmapped, and one after another
-  inside the call); together is the default (`stacking.sequential_default`: one after
+  inside the call); together is the default (`execution.ExecutionPolicy.sequential`: one after
   another on CPU, vmapped elsewhere). The value is the smaller of the MLP's and the CNN's
   speedups.
   """
   k, (batch, rounds) = 4, ((16, 1) if quick else (128, 3))
-  default_way = "mapped" if stacking.sequential_default() else "vmapped"
+  default_way = "mapped" if execution.policy().sequential else "vmapped"
   out = {}
   for name, cfg, steps in (("mlp", MLP, 2 if quick else 40), ("cnn", CNN, 2 if quick else 10)):
     dataset = fashion_mnist().subset(batch * steps, 1)
@@ -194,7 +198,7 @@ def replicas_speedup(quick: bool) -> dict:
                  **{f"{way}_images_per_s": images / seconds[way] for way in seconds}}
   worst = min(out, key=lambda n: out[n]["speedup"])
   return {"value": out[worst]["speedup"], "target": ">= 1.5", "device": device(), "k": k, "batch_size": batch,
-          "sequential_default": stacking.sequential_default(), "models": out,
+          "sequential_default": execution.policy().sequential, "models": out,
           "summary": ", ".join(f"{n} x{r['speedup']:.2f} (vmapped x{r['vmapped_speedup']:.2f}, one after another "
                                f"in one call x{r['mapped_speedup']:.2f}; {r['together_images_per_s']:.0f} img/s)"
                                for n, r in out.items())}

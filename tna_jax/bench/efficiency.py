@@ -16,7 +16,7 @@ import ml_collections
 import numpy as np
 import optax
 
-from tna_jax import evaluate, flops, sharding, stacking
+from tna_jax import evaluate, execution, flops, sharding, stacking
 from tna_jax.bench import core
 
 K, BATCH, EVAL_BATCH = 2, 128, 1000  # the quickstart's models per variant, batch and eval batch
@@ -54,7 +54,7 @@ def measure(quick: bool) -> dict:
   train_epochs = trainer.train_epochs.lower(abstract, seeds, 0, trainer.images, trainer.labels).compile()
   evaluate_one = functools.partial(evaluate.evaluate, evaluate.inference_fn(trainer.model), mean=dataset.mean,
                                    std=dataset.std)
-  evaluate_all = jax.jit(stacking.map_stacked(evaluate_one, sequential=stacking.sequential_default(trainer.mesh),
+  evaluate_all = jax.jit(stacking.map_stacked(evaluate_one, sequential=execution.policy(trainer.mesh).sequential,
                                               in_axes=(0, None), spmd_axis_name=sharding.MODELS))
   test_batches = evaluate.make_batches(dataset.test_images, dataset.test_labels, EVAL_BATCH)
 

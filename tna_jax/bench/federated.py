@@ -5,7 +5,7 @@ import jax.numpy as jnp
 import ml_collections
 import numpy as np
 
-from tna_jax import data, masks, models, optim, train
+from tna_jax import data, execution, masks, models, optim, train
 from tna_jax.bench import timing
 from tna_jax.federated import algorithms, client, partition
 
@@ -31,10 +31,10 @@ def fed_round_speedup(quick: bool) -> dict:
   model = models.get_model(ml_collections.ConfigDict(dict(name="cnn")), dataset.num_classes)
   variables = models.init_variables(model, jax.random.key(0), dataset.image_shape)
   tx = optim.make_optimizer(ml_collections.ConfigDict(SGD), client.num_steps(clients.max_size, batch))
-  state = algorithms.init(algorithms.parse("fedavg"), variables, algorithms.MaskSpec(), local_epochs=1)
+  state = algorithms.init(algorithms.parse("fedavg"), variables, masks.MaskSpec(), local_epochs=1)
   images, labels = jnp.asarray(dataset.train_images), jnp.asarray(dataset.train_labels)
   spec = algorithms.RoundSpec(batch_size=batch, local_epochs=1, clients_per_round=NUM_CLIENTS,
-                              client_batch=1 if jax.default_backend() == "cpu" else 0)
+                              client_batch=execution.policy().client_batch)
   compiled = algorithms.make_round(model, tx, clients, spec, mean=dataset.mean, std=dataset.std)
   vmapped = algorithms.make_round(model, tx, clients, algorithms.RoundSpec(
       batch_size=batch, local_epochs=1, clients_per_round=NUM_CLIENTS, client_batch=0), mean=dataset.mean,

@@ -17,12 +17,11 @@ checkpoint and ends with the same parameters and results as an uninterrupted run
 import time
 from typing import Any
 
-from absl import logging
 import jax
 import jax.numpy as jnp
 import numpy as np
 
-from tna_jax import config_keys, data, evaluate, models, optim, reporting, runtime, sharding, stacking, train
+from tna_jax import config_keys, data, evaluate, execution, masks, models, optim, reporting, runtime, sharding, train
 from tna_jax.errors import ConfigError
 from tna_jax.federated import algorithms, client, partition
 
@@ -72,7 +71,7 @@ def run(config, workdir: str) -> dict[str, Any]:
     model = models.get_model(config.model, dataset.num_classes)
     variables = models.init_variables(model, jax.random.key(config.init_seed), dataset.image_shape, config.model.init)
     clients = client.pack(parts)
-    spec = round_spec(config, len(parts))
+    spec = round_spec(config, len(parts), execution.policy())
     mesh = sharding.make_mesh(spec.client_batch or spec.clients_per_round, config.batch_size)
     tx = optim.make_optimizer(config.optimizer, config.local_epochs * client.num_steps(clients.max_size,
                                                                                         config.batch_size))
@@ -105,22 +104,19 @@ def run(config, workdir: str) -> dict[str, Any]:
 
 def planned_models(config) -> int:
   """Clients trained side by side in a round, for `main --dry_run`."""
-  spec = round_spec(config, config.partition.num_clients)
+  spec = round_spec(config, config.partition.num_clients, execution.policy())
   return spec.client_batch or spec.clients_per_round
 
 
-def round_spec(config, num_clients: int) -> algorithms.RoundSpec:
-  """The RoundSpec of a config; client_batch 0 means all clients at once on GPU/TPU, one at a
-  time on CPU (`stacking.sequential_default`: XLA:CPU runs vmapped convolutions as slow
-  grouped ones)."""
-  client_batch = config.client_batch or (1 if stacking.sequential_default() else 0)
+def round_spec(config, num_clients: int, policy: execution.ExecutionPolicy) -> algorithms.RoundSpec:
+  """The RoundSpec of a config; client_batch 0 means the policy's choice: all clients at once
+  on GPU/TPU, one at a time on CPU (XLA:CPU runs vmapped convolutions as slow grouped ones).
+  The policy is the default backend's, not a mesh's: the mesh is sized from this spec."""
   return algorithms.RoundSpec(
       batch_size=config.batch_size, local_epochs=config.local_epochs,
       clients_per_round=max(1, round(config.client_fraction * num_clients)), data_seed=config.data_seed,
-      sample_seed=config.sample_seed, lr_decay=config.lr_decay_per_round, client_batch=client_batch,
-      mask=algorithms.MaskSpec(fixed_fraction=config.mask.fixed_fraction, seed=config.mask.seed,
-                               granularity=config.mask.granularity, include=config.mask.include,
-                               exclude=config.mask.exclude, redraw=config.mask.redraw))
+      sample_seed=config.sample_seed, lr_decay=config.lr_decay_per_round,
+      client_batch=config.client_batch or policy.client_batch, mask=masks.MaskSpec.from_config(config.mask))
 
 
 def make_evaluate(model, dataset: data.Dataset, counts: np.ndarray, config):

@@ -20,12 +20,14 @@ checkpoints/<variant>_<k>, and when aligned <variant>_1_aligned and <variant>_pe
 from typing import Any
 
 from absl import logging
+import dataclasses
+
 import jax
 import jax.numpy as jnp
 import numpy as np
 
-from tna_jax import (config_keys, data, evaluate, lmc, masks, matching, models, optim, reporting, runtime, sharding,
-                     train)
+from tna_jax import (config_keys, data, evaluate, execution, lmc, masks, matching, models, optim, reporting, runtime,
+                     sharding, train)
 from tna_jax.errors import ConfigError, check_choice
 
 VARIANTS = config_keys.LMC_VARIANTS
@@ -86,10 +88,9 @@ def run(config, workdir: str) -> dict[str, Any]:
     model = models.get_model(config.model, dataset.num_classes)
     variables = models.init_variables(model, jax.random.key(config.init_seed), dataset.image_shape, config.model.init)
     params = variables["params"]
-    mask_args = dict(seed=config.mask.seed, granularity=config.mask.granularity, include=config.mask.include,
-                     exclude=config.mask.exclude)
-    tna_mask = masks.fixed_mask(params, config.mask.fixed_fraction, **mask_args)
-    pruning_mask = masks.fixed_mask(params, config.pruning_fraction, **mask_args)
+    mask_spec = masks.MaskSpec.from_config(config.mask)
+    tna_mask = mask_spec.draw(params)
+    pruning_mask = dataclasses.replace(mask_spec, fixed_fraction=config.pruning_fraction).draw(params)
     starts = {
         "vanilla": (variables, masks.no_mask(params)),
         "tna": (variables, tna_mask),
@@ -106,6 +107,7 @@ def run(config, workdir: str) -> dict[str, Any]:
     names = [f"{v}_{i}" for v in variants for i in range(k)]
     data_seeds = [config.data_seed + i for _ in variants for i in range(k)]
     mesh = sharding.make_mesh(len(names), config.batch_size)
+    policy = execution.policy(mesh)
     states = train.create_states(
         lambda starts: train.stack([train.init_train_state(tx, *starts[v]) for v in variants for _ in range(k)]),
         mesh, starts)
@@ -117,11 +119,11 @@ def run(config, workdir: str) -> dict[str, Any]:
       states, history = train.fit(
           model, tx, states, data_seeds, dataset, num_epochs=config.num_epochs, batch_size=config.batch_size,
           eval_batch_size=config.eval_batch_size, flip=config.augment.flip, crop_padding=config.augment.crop_padding,
-          on_epoch=phase.record, history=history, mesh=mesh)
+          on_epoch=phase.record, history=history, mesh=mesh, policy=policy)
 
     with run.timed("lmc"):
-      aligned = align_pairs(config, model, states, variants, dataset)
-      curves, aligned_curves, rows = measure_curves(config, model, states, variants, dataset, aligned)
+      aligned = align_pairs(config, model, states, variants, dataset, policy)
+      curves, aligned_curves, rows = measure_curves(config, model, states, variants, dataset, aligned, policy)
     check_finite_curves(curves, aligned_curves)
 
     results = {
@@ -168,8 +170,8 @@ def pair(config, states: train.TrainState, v: int) -> tuple[dict, dict]:
   return train.unstack(states.variables, first), train.unstack(states.variables, first + 1)
 
 
-def align_pairs(config, model, states: train.TrainState, variants,
-                dataset: data.Dataset) -> dict[str, tuple[dict, matching.MatchResult]]:
+def align_pairs(config, model, states: train.TrainState, variants, dataset: data.Dataset,
+                policy: execution.ExecutionPolicy) -> dict[str, tuple[dict, matching.MatchResult]]:
   """Model 1 of each variant permuted onto model 0 by `config.align` ({} for 'none')."""
   if config.align == "none":
     return {}
@@ -180,7 +182,8 @@ def align_pairs(config, model, states: train.TrainState, variants,
   for v, variant in enumerate(variants):
     aligned[variant] = matching.align(config.align, model, *pair(config, states, v), images=images,
                                       mean=dataset.mean, std=dataset.std, seed=config.matching.seed,
-                                      max_iterations=config.matching.max_iterations, solver=config.matching.solver)
+                                      max_iterations=config.matching.max_iterations, solver=config.matching.solver,
+                                      policy=policy)
     result = aligned[variant][1]
     logging.info("%s matching of %s: %d sweeps, %.2fs (+%.1fs compile), objective %.4g -> %.4g", config.align,
                  variant, result.iterations, result.seconds, result.compile_seconds, result.initial_objective,
@@ -196,7 +199,7 @@ def curve_summary(alphas: jax.Array, curve: dict) -> dict[str, float]:
 
 
 def measure_curves(config, model, states: train.TrainState, variants, dataset: data.Dataset,
-                   aligned: dict[str, tuple[dict, matching.MatchResult]]):
+                   aligned: dict[str, tuple[dict, matching.MatchResult]], policy: execution.ExecutionPolicy):
   """The LMC curve and barriers of each variant's pair (models 0 and 1), per BN mode and
   with and without REPAIR; for aligned variants also between model 0 and aligned model 1.
 
@@ -220,7 +223,7 @@ def measure_curves(config, model, states: train.TrainState, variants, dataset: d
         def curve_to(variables, bn_mode=bn_mode, repair=repair):
           return jax.device_get(lmc.lmc_curve(model, variables_a, variables, alphas, batches, dataset.mean,
                                               dataset.std, bn_mode=bn_mode, repair=repair, reset_images=reset_images,
-                                              alpha_chunk=config.lmc.alpha_chunk))
+                                              alpha_chunk=config.lmc.alpha_chunk, policy=policy))
 
         name = variant + (f" ({bn_mode} BN)" if len(bn_modes) > 1 else "") + (" +REPAIR" if repair else "")
         curves[name] = curve_to(variables_b)

@@ -26,14 +26,13 @@ import jax
 import jax.numpy as jnp
 import optax
 
-from tna_jax import masks
+from tna_jax import execution, masks
 from tna_jax.errors import ConfigError, check_choice
 from tna_jax.federated import client
 
 PyTree = Any
 BASES = ("fedavg", "fedprox", "fedpfn", "fedpnu", "fedavgm", "fedadam", "fedyogi")
 MODIFIERS = ("prox", "m")
-MASK_REDRAW = ("fixed", "per_round")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -116,23 +115,7 @@ class ServerState(flax.struct.PyTreeNode):
     return SERVER_OPTIMIZERS[self.optimizer](self.server)
 
 
-@dataclasses.dataclass(frozen=True)
-class MaskSpec:
-  """The TNA-PFN mask of a run (masks.fixed_mask arguments) and whether each round redraws it."""
-
-  fixed_fraction: float = 0.4
-  seed: int = 0
-  granularity: str = "weight"
-  include: str = ""
-  exclude: str = ""
-  redraw: str = "fixed"  # fixed: one mask for the whole run; per_round: a new mask each round
-
-  def draw(self, params: PyTree, seed) -> PyTree:
-    return masks.fixed_mask(params, self.fixed_fraction, seed=seed, granularity=self.granularity,
-                            include=self.include, exclude=self.exclude)
-
-
-def init(algorithm: Algorithm, variables: dict, mask_spec: MaskSpec, *, local_epochs: int, prox_mu: float = 0.01,
+def init(algorithm: Algorithm, variables: dict, mask_spec: masks.MaskSpec, *, local_epochs: int, prox_mu: float = 0.01,
          server: ServerHyper = ServerHyper()) -> ServerState:
   """The state before round 1: the shared initialization and the algorithm's settings.
 
@@ -141,7 +124,6 @@ def init(algorithm: Algorithm, variables: dict, mask_spec: MaskSpec, *, local_ep
   apply to algorithms that use them: the others get 0, so FedAvg's server is SGD without
   momentum in the same program as FedAvgM's.
   """
-  check_choice("mask.redraw", mask_spec.redraw, MASK_REDRAW)
   params = variables["params"]
   mask = mask_spec.draw(params, mask_spec.seed) if algorithm.masked else masks.no_mask(params)
   hyper = ClientHyper(mu=jnp.float32(prox_mu if algorithm.prox else 0.0),
@@ -164,7 +146,7 @@ class RoundSpec:
   sample_seed: int = 0  # the clients of round r derive from (sample_seed, r)
   lr_decay: float = 1.0  # the clients' learning rate is multiplied by lr_decay ** r in round r
   client_batch: int = 0  # clients vmapped at once (see client.map_clients); 0 = all
-  mask: MaskSpec = MaskSpec()
+  mask: masks.MaskSpec = masks.MaskSpec()
 
 
 def clients_of_round(spec: RoundSpec, num_clients: int, round_index: jax.Array) -> jax.Array:
@@ -189,7 +171,8 @@ def server_step(state: ServerState, mean_update: PyTree) -> ServerState:
 
 
 def make_round(model, tx: optax.GradientTransformationExtraArgs, clients: client.ClientData, spec: RoundSpec, *,
-               mean, std, mesh: jax.sharding.Mesh | None = None) -> Callable:
+               mean, std, mesh: jax.sharding.Mesh | None = None,
+               policy: execution.ExecutionPolicy | None = None) -> Callable:
   """`round(state, images, labels) -> (state, metrics)`: one compiled federated round.
 
   The round samples its clients, redraws the mask if the spec says so (masked algorithms
@@ -204,11 +187,12 @@ def make_round(model, tx: optax.GradientTransformationExtraArgs, clients: client
 
   images, labels: the whole uint8 training set and its labels, on the device.
   metrics: per sampled client ('clients' ids, 'loss', 'accuracy' of local training).
+  policy: the clients' convolution layout (default `execution.policy(mesh)`).
   """
   if spec.clients_per_round > clients.sizes.shape[0]:
     raise ConfigError(f"{spec.clients_per_round} clients per round but only {clients.sizes.shape[0]} clients.")
   local_update = client.make_local_update(model, tx, batch_size=spec.batch_size, local_epochs=spec.local_epochs,
-                                          max_size=clients.max_size, mean=mean, std=std, mesh=mesh)
+                                          max_size=clients.max_size, mean=mean, std=std, mesh=mesh, policy=policy)
 
   @jax.jit
   def round_fn(state: ServerState, clients: client.ClientData, images: jax.Array, labels: jax.Array):

@@ -22,7 +22,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
-from tna_jax import conv_layout, data, sharding, train
+from tna_jax import data, execution, sharding, train
 
 PyTree = Any
 
@@ -90,7 +90,8 @@ def local_optimizer(tx: optax.GradientTransformationExtraArgs, anchor: PyTree, m
 
 
 def make_local_update(model, tx: optax.GradientTransformationExtraArgs, *, batch_size: int, local_epochs: int,
-                      max_size: int, mean, std, mesh: jax.sharding.Mesh | None = None) -> Callable:
+                      max_size: int, mean, std, mesh: jax.sharding.Mesh | None = None,
+                      policy: execution.ExecutionPolicy | None = None) -> Callable:
   """`update(params, batch_stats, mask, hyper, indices, size, key, images, labels)` for ONE client.
 
   The client starts from the server's params and a fresh optimizer state (as clients of
@@ -101,15 +102,17 @@ def make_local_update(model, tx: optax.GradientTransformationExtraArgs, *, batch
   (the round's learning rate factor). Returns (params, batch_stats, {'loss', 'accuracy'}
   averaged over the steps trained). vmap it over clients. With a `mesh`, every batch is
   split over its 'data' axis.
+  `policy` (default `execution.policy(mesh)`) decides the convolution layout: on CPU,
+  convolutions inside the loops below are only fast in the canonical one.
   """
+  policy = policy or execution.policy(mesh)
   steps_per_epoch = num_steps(max_size, batch_size)
   skipped = {"loss": jnp.zeros((), jnp.float32), "accuracy": jnp.zeros((), jnp.float32)}
 
   def update(params, batch_stats, mask, hyper, indices, size, key, images, labels):
     client_tx = local_optimizer(tx, params, hyper.mu, hyper.lr_scale)
     state = train.TrainState(params=params, batch_stats=batch_stats, opt_state=client_tx.init(params), fixed=mask)
-    # On CPU, convolutions inside the loops below are only fast in the canonical layout.
-    train_step = conv_layout.canonical_on_cpu(
+    train_step = policy.convolutions(
         lambda state, images, labels: train.train_step(model, client_tx, state, images, labels))
     steps = num_steps(size, batch_size)
 
