@@ -8,6 +8,7 @@ import sys
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
+import ml_collections
 import numpy as np
 import pytest
 
@@ -189,3 +190,26 @@ def test_bad_alignment_config_is_one_clear_error(tmp_path, flag, message):
   result = _main(tmp_path / "run", flag)
   assert result.returncode == 2 and message in result.stderr and "Traceback" not in result.stderr
   assert not (tmp_path / "run").exists()
+
+
+def test_a_user_scoring_function_gives_the_built_in_curve_on_the_same_data():
+  model = models.get_model(ml_collections.ConfigDict(dict(name="mlp", depth=1, width=16)), 10)
+  a, b = (models.init_variables(model, jax.random.key(seed), (8, 8, 1)) for seed in (0, 1))
+  rng = np.random.default_rng(0)
+  batches = evaluate.make_batches(rng.integers(0, 256, (96, 8, 8, 1), dtype=np.uint8),
+                                  rng.integers(0, 10, 96).astype(np.int32), 32)
+  alphas, mean, std = jnp.linspace(0, 1, 5), (0.5,), (0.25,)
+  built_in = lmc.lmc_curve(model, a, b, alphas, batches, mean, std)
+  apply_fn = evaluate.inference_fn(model)
+  score = lambda variables, data: evaluate.evaluate(apply_fn, variables, data, mean, std)
+  for chunk in (0, 2):
+    user = lmc.lmc_curve(None, a, b, alphas, score_fn=score, score_data=batches, alpha_chunk=chunk)
+    np.testing.assert_allclose(user["loss"], built_in["loss"], rtol=1e-6)
+    np.testing.assert_allclose(user["accuracy"], built_in["accuracy"], rtol=1e-6)
+  # A closure returning a (loss, accuracy) tuple: e.g. a loss of the user's own (here the mean logit).
+  images = jnp.asarray(rng.normal(size=(4, 8, 8, 1)), jnp.float32)
+  own = lmc.lmc_curve(None, a, b, alphas, score_fn=lambda v: (model.apply(v, images, train=False).mean(), 0.0))
+  expected = [float(model.apply(lmc.interpolate(a, b, t), images, train=False).mean()) for t in alphas]
+  np.testing.assert_allclose(own["loss"], expected, rtol=1e-5)
+  with pytest.raises(ValueError, match="exactly one of batches"):
+    lmc.lmc_curve(model, a, b, alphas, batches, mean, std, score_fn=score)

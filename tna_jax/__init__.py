@@ -8,7 +8,7 @@
     mask = tj.fixed_mask(init["params"], 0.4, seed=0)          # TNA-PFN: True = held at init
     tx = tj.make_optimizer({"name": "sgd", "learning_rate": 0.1}, total_steps=...)  # ends in tj.freeze()
     states, history = tj.fit(model, tx, tj.stack([tj.init_train_state(tx, init, mask)] * 2), [1, 2], ds, ...)
-    curve = tj.lmc_curve(model, a, b, alphas, batches, ds.mean, ds.std)   # or score_fn=...
+    curve = tj.lmc_curve(model, a, b, alphas, batches, ds.mean, ds.std)   # or score_fn=your_scoring
     tj.barriers(alphas, curve["loss"], curve["accuracy"])
 
 plus alignment (`align`, `weight_matching`, `register_permutation_spec`, `repair`), soups

@@ -8,6 +8,7 @@ alpha inside that call: BatchNorm statistics re-estimated on training batches
 (`bn_mode='reset'`) and REPAIR (`repair=True`, see `tna_jax.repair`).
 """
 
+from collections.abc import Callable, Mapping
 from typing import Any
 
 import jax
@@ -17,6 +18,8 @@ import numpy as np
 from tna_jax import data, evaluate, execution, repair as repair_lib
 
 PyTree = Any
+# variables (-> or variables, score_data ->) (loss, accuracy) or {'loss', 'accuracy'}: a user's scoring
+ScoreFn = Callable[..., Any]
 BN_MODES = ("raw", "reset")
 
 
@@ -45,17 +48,25 @@ def reestimate_batch_stats(model, variables: dict, images: jax.Array, mean, std)
   return jax.tree.map(lambda t: t / images.shape[0], total)
 
 
-def lmc_curve(model, variables_a: dict, variables_b: dict, alphas: jax.Array, batches: evaluate.Batches, mean,
-              std, *, bn_mode: str = "raw", repair: bool = False, reset_images: jax.Array | None = None,
-              alpha_chunk: int = 0, policy: execution.ExecutionPolicy | None = None) -> dict[str, jax.Array]:
+def lmc_curve(model, variables_a: dict, variables_b: dict, alphas: jax.Array,
+              batches: evaluate.Batches | None = None, mean=None, std=None, *, bn_mode: str = "raw",
+              repair: bool = False, reset_images: jax.Array | None = None, alpha_chunk: int = 0,
+              policy: execution.ExecutionPolicy | None = None, score_fn: ScoreFn | None = None,
+              score_data: PyTree = None) -> dict[str, jax.Array]:
   """Test loss and accuracy at every alpha of the segment from model a to model b.
 
   Args:
-    model: the flax module of both models.
+    model: the flax module of both models (unused, may be None, with `score_fn`).
     variables_a, variables_b: their variables ({'params', maybe 'batch_stats'}).
     alphas: [A] interpolation coefficients (0 = model a, 1 = model b).
     batches: the evaluation split (`evaluate.make_batches`).
     mean, std: normalization of the uint8 images.
+    score_fn: instead of `batches`, the user's own scoring: `score_fn(variables)` or, with
+      `score_data`, `score_fn(variables, score_data)` returns (loss, accuracy) (or a dict
+      with those keys) of interpolated variables, on any data and with any loss. It must be
+      jittable; the whole curve is still one compiled call. Pass large arrays as
+      `score_data` (an argument of the compiled call) rather than closing over them (they
+      would be compiled in as constants). BN reset and REPAIR need the library's batches.
     bn_mode: 'raw' interpolates BatchNorm statistics like any other leaf (the authors'
       protocol); 'reset' re-estimates them for every alpha on `reset_images`.
     repair: applies REPAIR (`repair.repair`) at every alpha, after any BN reset: channel
@@ -69,6 +80,8 @@ def lmc_curve(model, variables_a: dict, variables_b: dict, alphas: jax.Array, ba
   Returns:
     {'loss': [A], 'accuracy': [A]}.
   """
+  if (score_fn is None) == (batches is None):
+    raise ValueError("lmc_curve needs exactly one of batches (with mean, std) and score_fn")
   if bn_mode not in BN_MODES:
     raise ValueError(f"bn_mode={bn_mode!r}; allowed: {BN_MODES}")
   if (bn_mode == "reset" or repair) and reset_images is None:
@@ -76,6 +89,10 @@ def lmc_curve(model, variables_a: dict, variables_b: dict, alphas: jax.Array, ba
   if alpha_chunk < 0:
     raise ValueError(f"alpha_chunk={alpha_chunk}; allowed: 0 (automatic) or a positive number of alphas")
   alpha_chunk = alpha_chunk or (policy or execution.policy()).alpha_chunk
+  if score_fn is not None:
+    if bn_mode != "raw" or repair:
+      raise ValueError("bn_mode='reset' and repair=True need the library's batches, not score_fn")
+    return _scored_curve(score_fn, score_data is not None, alpha_chunk, variables_a, variables_b, alphas, score_data)
   return _curve(model, bn_mode, repair, alpha_chunk, variables_a, variables_b, alphas, batches, mean, std,
                 reset_images)
 
@@ -100,6 +117,22 @@ def _curve(model, bn_mode, repair, alpha_chunk, variables_a, variables_b, alphas
       variables = repair_lib.repair(model, variables, images, interpolate(stats_a, stats_b, alpha))
     return evaluate.evaluate(apply_fn, variables, batches, mean, std)
 
+  return _over_alphas(at_alpha, alphas, alpha_chunk)
+
+
+@jax.jit(static_argnames=("score_fn", "with_data", "alpha_chunk"))
+def _scored_curve(score_fn, with_data, alpha_chunk, variables_a, variables_b, alphas, score_data):
+  def at_alpha(alpha):
+    variables = interpolate(variables_a, variables_b, alpha)
+    scores = score_fn(variables, score_data) if with_data else score_fn(variables)
+    loss, accuracy = (scores["loss"], scores["accuracy"]) if isinstance(scores, Mapping) else scores
+    return {"loss": jnp.asarray(loss), "accuracy": jnp.asarray(accuracy)}
+
+  return _over_alphas(at_alpha, alphas, alpha_chunk)
+
+
+def _over_alphas(at_alpha: Callable, alphas: jax.Array, alpha_chunk: int):
+  """`at_alpha` mapped over the alphas: `alpha_chunk` at a time (lax.map), or all vmapped."""
   if alpha_chunk and alpha_chunk < alphas.shape[0]:
     return jax.lax.map(at_alpha, alphas, batch_size=alpha_chunk if alpha_chunk > 1 else None)
   return jax.vmap(at_alpha)(alphas)
