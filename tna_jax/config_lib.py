@@ -15,6 +15,7 @@ from typing import Any
 
 import ml_collections
 
+import tna_jax
 from tna_jax.errors import check_choice
 
 PRESETS = ("quick", "runlocal")
@@ -22,8 +23,23 @@ FAMILIES = ("lmc", "fed", "finetune", "soup", "cold")
 
 
 def config_dir() -> pathlib.Path:
-  """The directory of the config files (the checkout's configs/)."""
-  return pathlib.Path(__file__).resolve().parent.parent / "configs"
+  """The directory of the config files: the package's own copy when installed from a wheel
+  (tna_jax/configs, see setup.py), else the checkout's configs/ (the one source)."""
+  package = pathlib.Path(tna_jax.__file__).resolve().parent
+  packaged = package / "configs"
+  return packaged if packaged.is_dir() else package.parent / "configs"
+
+
+def resolve_config_flag(value: str) -> str:
+  """`--config`'s value as a path: an existing file stays as given; otherwise a packaged
+  config's name (`fmnist_mlp`, `fmnist_mlp.py` or `configs/fmnist_mlp.py`, with an optional
+  `:preset`) becomes its path in `config_dir()`, so installed configs run from any directory."""
+  path, colon, preset = value.partition(":")
+  if not path or pathlib.Path(path).exists():
+    return value
+  name = pathlib.Path(path).name if path.startswith("configs/") or "/" not in path else ""
+  candidate = config_dir() / (name if name.endswith(".py") else f"{name}.py")
+  return f"{candidate}{colon}{preset}" if name and candidate.is_file() else value
 
 
 def config_files() -> list[pathlib.Path]:

@@ -18,7 +18,7 @@ import sys
 from absl import app, flags, logging
 from ml_collections import config_flags
 
-from tna_jax import experiments, reporting, sharding
+from tna_jax import config_lib, experiments, reporting, sharding
 from tna_jax.errors import TnaError
 
 _CONFIG = config_flags.DEFINE_config_file("config", None, "Experiment config file (configs/NAME.py[:arg]).",
@@ -51,9 +51,16 @@ def one_line(error: BaseException) -> str:
 def parse_flags(argv: list[str]) -> list[str]:
   """absl's flag parsing, with a mistake in a flag or the config file as one line, exit 2."""
   try:
-    return flags.FLAGS(argv)
+    return flags.FLAGS([_resolve_config(arg, previous) for previous, arg in zip([""] + argv, argv)])
   except (flags.Error, AttributeError, KeyError, OSError, ValueError, TypeError) as e:
     fail(config_mistake(e))
+
+
+def _resolve_config(arg: str, previous: str) -> str:
+  """`--config=NAME` (or `--config NAME`) resolved to a packaged config's path by name."""
+  if arg.startswith("--config="):
+    return "--config=" + config_lib.resolve_config_flag(arg[len("--config="):])
+  return config_lib.resolve_config_flag(arg) if previous == "--config" else arg
 
 
 def load_config():
@@ -72,7 +79,10 @@ def config_mistake(error: BaseException) -> str:
     return f"unknown config key {one_line(error)}".replace("\\'", "'")
   if isinstance(error, OSError):  # config_flags wraps a missing file in a long report
     missing = re.search(r"No such file or directory: '([^']*)'", str(error))
-    return f"config file {missing.group(1)!r} does not exist" if missing else one_line(error)
+    if not missing:
+      return one_line(error)
+    names = ", ".join(path.stem for path in config_lib.config_files())
+    return f"config file {missing.group(1)!r} does not exist; packaged configs (by name): {names}"
   return one_line(error)
 
 
