@@ -7,6 +7,10 @@ so the fixed entries act as anchors that keep the models in one permutation subs
 The mask reaches the optimizer as an argument of each update (`freeze`), never as a
 constant compiled into the step, so one compiled program serves any mask: vanilla (all
 False), TNA-PFN, its reverse (FedPNU) or many masks vmapped side by side.
+
+Every mask of the library is made here: the one a config's `mask` section describes
+(`from_config`, or `MaskSpec` where it is redrawn, as federated rounds do) and the entries
+that partial fine-tuning leaves frozen (`frozen_except`).
 """
 
 import dataclasses
