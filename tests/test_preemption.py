@@ -53,7 +53,7 @@ def run_main(workdir, *flags, env=None, cwd=ROOT):
 
 def without_timings(obj):
   if isinstance(obj, dict):
-    return {k: without_timings(v) for k, v in obj.items() if "seconds" not in k}
+    return {k: without_timings(v) for k, v in obj.items() if not any(t in k for t in ("seconds", "flops_per_s", "mfu"))}
   if isinstance(obj, list):
     return [without_timings(v) for v in obj]
   return obj

@@ -136,7 +136,8 @@ KEYS: dict[str, tuple[str, str]] = {
     "lr_decay_per_round": ("local learning rate multiplied by this every round", "0 < x <= 1"),
     "client_batch": ("clients trained side by side in one program; 0 = automatic", "int >= 0"),
     "sample_seed": ("seed of the sampled clients of each round", "int"),
-    "eval_every": ("rounds between test evaluations of the global model", "int >= 1"),
+    "eval_every": ("lmc: epochs between test evaluations during training; fed: rounds between test evaluations "
+                   "of the global model; the last is always evaluated", "int >= 1"),
     "client_eval": ("also evaluate on the test set reweighted to each client's label mix", "bool"),
     "final_rounds": ("reported accuracy = mean over the last this many evaluations", "int >= 1"),
 }

@@ -74,7 +74,8 @@ def validate(config) -> None:
       raise ConfigError(f"{key}={value!r} is out of range; allowed: 0 <= {key} < 1.")
   variants_of(config)
   for key, value, low in (("num_models", config.num_models, 2), ("num_epochs", config.num_epochs, 1),
-                          ("batch_size", config.batch_size, 1), ("eval_batch_size", config.eval_batch_size, 1), ("lmc.num_alphas", config.lmc.num_alphas, 2),
+                          ("batch_size", config.batch_size, 1), ("eval_batch_size", config.eval_batch_size, 1),
+                          ("eval_every", config.eval_every, 1), ("lmc.num_alphas", config.lmc.num_alphas, 2),
                           ("lmc.alpha_chunk", config.lmc.alpha_chunk, 0)):
     if value < low:
       raise ConfigError(f"{key}={value!r} must be >= {low}.")
@@ -141,7 +142,7 @@ def run(config, workdir: str) -> dict[str, Any]:
       states, history = train.fit(
           model, tx, states, data_seeds, dataset, num_epochs=config.num_epochs, batch_size=config.batch_size,
           eval_batch_size=config.eval_batch_size, flip=config.augment.flip, crop_padding=config.augment.crop_padding,
-          on_epoch=phase.record, history=history, mesh=mesh)
+          on_epoch=phase.record, history=history, mesh=mesh, eval_every=config.eval_every)
 
     with run.timed("lmc"):
       aligned = align_pairs(config, model, states, variants, dataset)
@@ -157,6 +158,7 @@ def run(config, workdir: str) -> dict[str, Any]:
         "summary": rows,
         "train_seconds": run.seconds["train"],
         "lmc_seconds": run.seconds["lmc"],
+        "train_speed": train.speed_summary(history),
     }
     if aligned:
       results["aligned_curves"] = aligned_curves
@@ -167,7 +169,9 @@ def run(config, workdir: str) -> dict[str, Any]:
     run.finish(results, f"\nLMC between models 0 and 1 of each variant ({config.model.name} on {config.dataset}, "
                f"{config.num_epochs} epochs{extras}, train {run.seconds['train']:.0f}s, curves "
                f"{run.seconds['lmc']:.1f}s):\n" +
-               reporting.format_table(rows, TABLE_COLUMNS + (ALIGNED_COLUMNS if aligned else ())))
+               reporting.format_table(rows, TABLE_COLUMNS + (ALIGNED_COLUMNS if aligned else ())) +
+               "\n\nTraining speed (median epoch, compilation excluded):\n" +
+               reporting.format_table([results["train_speed"]], train.SPEED_COLUMNS))
   return results
 
 
