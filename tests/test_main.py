@@ -42,6 +42,12 @@ def test_lmc_run_prints_the_table_and_writes_results(tiny_run):
   assert (workdir / "lmc_curves.png").stat().st_size > 10_000
   lines = (workdir / "metrics.jsonl").read_text().splitlines()
   assert len(lines) == 1 and len(json.loads(lines[0])["test_accuracy"]) == 6
+  # Every epoch's speed from the compiled epoch's cost analysis: 6 MLPs 784-64-64-10 over 8 steps of 128 do at
+  # least the forward and the weight-gradient matmuls (2 x 2 FLOPs per multiply-add), every step counted.
+  record = json.loads(lines[0])
+  assert record["train_flops"] > 6 * 1024 * 2 * 2 * (784 * 64 + 64 * 64 + 64 * 10)
+  assert record["train_flops_per_s"] > 0 and 0 < record["train_mfu"] < 2
+  assert "MFU %" in result.stdout and results["train_speed"]["train_mfu_pct"] > 0
   assert any((workdir / "tensorboard" / "train").iterdir()), "TensorBoard event file missing"
   assert (workdir / "results.json").stat().st_mode & 0o777 == 0o644 and "NaN" not in (workdir / "results.json").read_text()
   assert not (workdir / ".lock").exists() and (workdir / "config.json").exists()
@@ -88,10 +94,21 @@ def test_bad_input_gives_one_clear_message_and_writes_nothing(tmp_path, flag, me
 
 @pytest.mark.parametrize("config,models", [("configs/fmnist_mlp.py", "6"), ("configs/fed_fmnist_cnn.py:quick", None)])
 def test_dry_run_prints_the_plan_and_writes_nothing(tmp_path, config, models):
-  result = run_main(config, tmp_path / "run", "--dry_run")
+  result = run_main(config, tmp_path / "run", "--dry_run", "--dry_run_device=tpu_v5e", "--dry_run_devices=8")
   assert result.returncode == 0, result.stderr[-2000:]
   for line in ("experiment", "parameters_per_model", "models_trained_together", "step_total_mib"):
     assert line in result.stdout
   if models:
     assert any(l.split()[:2] == ["models_trained_together", models] for l in result.stdout.splitlines())
+    # Time estimates from the epoch's cost analysis: here (CPU, measured peak) and on 8 TPU v5e chips.
+    estimates = {l.split(" at ")[0]: float(l.split()[-2]) for l in result.stdout.splitlines()
+                 if l.startswith("estimated_epoch (")}
+    assert 0 < estimates["estimated_epoch (8 x tpu_v5e"] < estimates["estimated_epoch (1 x cpu"]
   assert not (tmp_path / "run").exists()
+
+
+def test_dry_run_on_an_unknown_device_names_the_known_ones(tmp_path):
+  result = run_main("configs/fmnist_mlp.py:quick", tmp_path / "run", "--dry_run", "--dry_run_device=tpu_v9")
+  assert result.returncode == 2
+  assert "--dry_run_device='tpu_v9' is not a known device; allowed: tpu_v4, tpu_v5e" in result.stderr
+  assert "Traceback" not in result.stderr
