@@ -22,7 +22,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
-from tna_jax import conv_layout, data, flops, sharding, stacking
+from tna_jax import conv_layout, data, evaluate, flops, sharding, stacking
 from tna_jax.errors import ConfigError
 
 PyTree = Any
@@ -180,15 +180,14 @@ def fit(model, tx: optax.GradientTransformationExtraArgs, states: TrainState, da
   `tna_jax.flops.device_peak`: the chip's bf16 peak, or the measured matmul peak on CPU;
   absent for an unknown accelerator). `mesh` (default `sharding.make_mesh` over every device
   of every process) spreads the models over its 'models' axis and each batch over 'data';
-  the result does not depend on it beyond float rounding. Returns the trained states, replicated on every
-  device so that any process can read, evaluate and save them, and one metrics record per
-  epoch, each value a list over the K models. `on_epoch(record, states)` sees each record
+  the result does not depend on it beyond float rounding. Returns the trained states,
+  replicated on every device so that any process can read, evaluate and save them, and one
+  metrics record per epoch, each value a list over the K models. `on_epoch(record, states)` sees each record
   and the states after it (to checkpoint them). A resumed run passes the `history` of the
   epochs already done with the states after them: training continues at epoch
   `len(history)` exactly as if it had never stopped (epoch keys derive from the epoch).
   """
   from tqdm import tqdm  # pylint: disable=g-import-not-at-top
-  from tna_jax import evaluate  # pylint: disable=g-import-not-at-top
 
   num_train = len(dataset.train_labels)
   check_batch_size(batch_size, num_train)
@@ -240,7 +239,6 @@ def fit(model, tx: optax.GradientTransformationExtraArgs, states: TrainState, da
 def make_evaluate_all(model, mesh: jax.sharding.Mesh, mean, std) -> Callable:
   """`evaluate_all(variables, batches) -> metrics`: the K stacked models (sharded on 'models')
   evaluated on the same batches, metrics replicated, one value per model."""
-  from tna_jax import evaluate  # pylint: disable=g-import-not-at-top
   apply_fn = evaluate.inference_fn(model)
   evaluate_one = lambda variables, batches: evaluate.evaluate(apply_fn, variables, batches, mean, std)
   return jax.jit(stacking.map_stacked(evaluate_one, sequential=stacking.sequential_default(mesh), in_axes=(0, None),
@@ -280,9 +278,10 @@ def speed_summary(history: list[dict]) -> dict[str, float | int | None]:
   timed = [r for r in history if "train_flops_per_s" in r]
   if not timed:
     return {"epochs": len(history)}
-  rate = float(np.median([r["train_flops_per_s"] for r in timed]))
+  median = lambda values: float(np.median(values))
   mfus = [r["train_mfu"] for r in timed if "train_mfu" in r]
-  return {"epochs": len(history), "train_seconds_per_epoch": float(np.median([r["train_flops"] / r["train_flops_per_s"]
-                                                                              for r in timed])),
-          "train_gflop_per_epoch": timed[-1]["train_flops"] / 1e9, "train_gflop_per_s": rate / 1e9,
-          "train_mfu_pct": 100 * float(np.median(mfus)) if mfus else None}
+  return {"epochs": len(history),
+          "train_seconds_per_epoch": median([r["train_flops"] / r["train_flops_per_s"] for r in timed]),
+          "train_gflop_per_epoch": timed[-1]["train_flops"] / 1e9,
+          "train_gflop_per_s": median([r["train_flops_per_s"] for r in timed]) / 1e9,
+          "train_mfu_pct": 100 * median(mfus) if mfus else None}
