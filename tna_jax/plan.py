@@ -106,8 +106,9 @@ def _time_estimates(config, model, variables, num_models: int, num_train: int, n
     targets.append((f"{num_devices} x {device}", peak.bf16 or peak.fp32, num_devices))
   for name, peak, count in targets:
     if peak:
-      out[f"estimated_epoch ({name} at {peak / 1e9:.4g} GFLOP/s each)"] = f"{epoch_flops / (peak * count):.3g} s"
-      out[f"estimated_run ({name})"] = f"{epoch_flops * config.num_epochs / (peak * count):.3g} s"
+      rate = f"{peak / 1e12:.3g} TFLOP/s" if peak >= 1e12 else f"{peak / 1e9:.3g} GFLOP/s"
+      out[f"estimated_epoch ({name} at {rate} each)"] = _seconds(epoch_flops / (peak * count))
+      out[f"estimated_run ({name})"] = _seconds(epoch_flops * config.num_epochs / (peak * count))
     else:
       out[f"estimated_epoch ({name})"] = "unknown (no peak known for this device)"
   return out
@@ -129,3 +130,8 @@ def _step_memory(model, opt_config, variables, num_models: int, batch_size: int,
     out["step_total_mib"] = (analysis.argument_size_in_bytes + analysis.output_size_in_bytes +
                              analysis.temp_size_in_bytes) / MIB
   return out
+
+
+def _seconds(seconds: float) -> str:
+  """'0.00156 s', '60.1 s', '1,730 s (28.8 min)'."""
+  return f"{seconds:.3g} s" if seconds < 1000 else f"{seconds:,.0f} s ({seconds / 60:.1f} min)"
