@@ -101,8 +101,8 @@ def test_dry_run_prints_the_plan_and_writes_nothing(tmp_path, config, models):
   if models:
     assert any(l.split()[:2] == ["models_trained_together", models] for l in result.stdout.splitlines())
     # Time estimates from the epoch's cost analysis: here (CPU, measured peak) and on 8 TPU v5e chips.
-    estimates = {l.split(" at ")[0]: float(l.split()[-2]) for l in result.stdout.splitlines()
-                 if l.startswith("estimated_epoch (")}
+    estimates = {l.split(" at ")[0]: float(l.split(" each)")[1].split()[0].replace(",", ""))
+                 for l in result.stdout.splitlines() if l.startswith("estimated_epoch (")}
     assert 0 < estimates["estimated_epoch (8 x tpu_v5e"] < estimates["estimated_epoch (1 x cpu"]
   assert not (tmp_path / "run").exists()
 
