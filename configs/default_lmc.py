@@ -50,6 +50,7 @@ def get_config(arg=None):
   config.num_epochs = 10
   config.batch_size = 128
   config.eval_batch_size = 1000
+  config.eval_every = 1  # epochs between test evaluations during training (the last epoch is always evaluated)
   config.augment = ml_collections.ConfigDict(dict(flip=False, crop_padding=0))  # the paper used none
 
   config.lmc = ml_collections.ConfigDict(dict(

@@ -45,6 +45,12 @@ def test_lmc_run_prints_the_table_and_writes_results(tiny_run):
   assert (workdir / "lmc_curves.png").stat().st_size > 10_000 and (workdir / "lmc_curves.pdf").read_bytes()[:5] == b"%PDF-"
   lines = (workdir / "metrics.jsonl").read_text().splitlines()
   assert len(lines) == 1 and len(json.loads(lines[0])["test_accuracy"]) == 6
+  # Every epoch's speed from the compiled epoch's cost analysis: 6 MLPs 784-64-64-10 over 8 steps of 128 do at
+  # least the forward and the weight-gradient matmuls (2 x 2 FLOPs per multiply-add), every step counted.
+  record = json.loads(lines[0])
+  assert record["train_flops"] > 6 * 1024 * 2 * 2 * (784 * 64 + 64 * 64 + 64 * 10)
+  assert record["train_flops_per_s"] > 0 and 0 < record["train_mfu"] < 2
+  assert "MFU %" in result.stdout and results["train_speed"]["train_mfu_pct"] > 0
   for phase in ("train", "lmc"):  # per-epoch scalars; the curves, the table and hparams
     assert any((workdir / "tensorboard" / phase).iterdir()), f"TensorBoard event file of {phase} missing"
   assert (workdir / "results.json").stat().st_mode & 0o777 == 0o644 and "NaN" not in (workdir / "results.json").read_text()
@@ -94,7 +100,7 @@ def test_bad_input_gives_one_clear_message_and_writes_nothing(tmp_path, flag, me
                                                       ("configs/resnet20.py:quick", "6", False),
                                                       ("configs/fed_fmnist_cnn.py:quick", None, False)])
 def test_dry_run_prints_the_keys_that_apply_and_the_plan_and_writes_nothing(tmp_path, config, models, depth_shown):
-  result = run_main(config, tmp_path / "run", "--dry_run")
+  result = run_main(config, tmp_path / "run", "--dry_run", "--dry_run_device=tpu_v5e", "--dry_run_devices=8")
   assert result.returncode == 0, result.stderr[-2000:]
   keys = [line.split(":")[0].strip() for line in result.stdout.splitlines() if ":" in line]
   assert ("depth" in keys) == depth_shown  # model.depth: only models that read it (the MLP, not ResNet20 or the CNN)
@@ -103,6 +109,10 @@ def test_dry_run_prints_the_keys_that_apply_and_the_plan_and_writes_nothing(tmp_
     assert line in result.stdout
   if models:
     assert any(l.split()[:2] == ["models_trained_together", models] for l in result.stdout.splitlines())
+    # Time estimates from the epoch's cost analysis: here (CPU, measured peak) and on 8 TPU v5e chips.
+    estimates = {l.split(" at ")[0]: float(l.split(" each)")[1].split()[0].replace(",", ""))
+                 for l in result.stdout.splitlines() if l.startswith("estimated_epoch (")}
+    assert 0 < estimates["estimated_epoch (8 x tpu_v5e"] < estimates["estimated_epoch (1 x cpu"]
   assert not (tmp_path / "run").exists()
 
 
@@ -124,3 +134,10 @@ def test_load_run_restores_the_models_and_reproduces_the_curve_endpoints(tiny_ru
       leaf.size for leaf in jax.tree.leaves(run.masks["mask"]))
   with pytest.raises(saved_runs.RunNotFoundError, match="no finished run"):
     saved_runs.load_run(tmp_path)
+
+
+def test_dry_run_on_an_unknown_device_names_the_known_ones(tmp_path):
+  result = run_main("configs/fmnist_mlp.py:quick", tmp_path / "run", "--dry_run", "--dry_run_device=tpu_v9")
+  assert result.returncode == 2
+  assert "--dry_run_device='tpu_v9' is not a known device; allowed: tpu_v4, tpu_v5e" in result.stderr
+  assert "Traceback" not in result.stderr

@@ -51,9 +51,14 @@ def run_main(workdir, *flags, env=None, cwd=ROOT):
                         env={**os.environ, "PYTHONPATH": str(ROOT), **(env or {})})
 
 
+def is_timing(key):
+  """Keys that hold measured speed (seconds, FLOP/s, MFU): they differ between any two runs."""
+  return "seconds" in key or "mfu" in key or key.endswith("per_s")
+
+
 def without_timings(obj):
   if isinstance(obj, dict):
-    return {k: without_timings(v) for k, v in obj.items() if "seconds" not in k}
+    return {k: without_timings(v) for k, v in obj.items() if not is_timing(k)}
   if isinstance(obj, list):
     return [without_timings(v) for v in obj]
   return obj

@@ -317,7 +317,10 @@ KEYS: tuple[Key, ...] = (
     Key("client_batch", int, "clients trained side by side in one program; 0 = all on GPU/TPU, one at a time on CPU",
         experiments=FED, low=0),
     Key("sample_seed", int, "seed of the sampled clients of each round", experiments=FED),
-    Key("eval_every", int, "rounds between test evaluations of the global model", experiments=FED, low=1),
+    Key("eval_every", int, "rounds between test evaluations of the global model (the last is always evaluated)",
+        experiments=FED, low=1),
+    Key("eval_every", int, "epochs between test evaluations during training (the last is always evaluated; the "
+        "LMC curves never depend on it)", experiments=LMC, low=1),
     Key("client_eval", bool, "also evaluate on the test set reweighted to each client's label mix", experiments=FED),
     Key("final_rounds", int, "reported accuracy = mean over the last this many evaluations", experiments=FED, low=1),
 )

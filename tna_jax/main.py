@@ -26,6 +26,9 @@ _CONFIG = config_flags.DEFINE_config_file("config", None, "Experiment config fil
 _WORKDIR = flags.DEFINE_string("workdir", None, "Directory for results, plots and checkpoints.")
 _DRY_RUN = flags.DEFINE_bool("dry_run", False, "Print the resolved config and the planned work and memory; "
                              "train nothing, write nothing.")
+_DRY_RUN_DEVICE = flags.DEFINE_string("dry_run_device", None, "With --dry_run, also estimate the time on this "
+                                      "accelerator (a name of tna_jax.flops.PEAKS, e.g. tpu_v5e, h100_sxm).")
+_DRY_RUN_DEVICES = flags.DEFINE_integer("dry_run_devices", 1, "Chips of --dry_run_device (the pod or host size).")
 flags.mark_flags_as_required(["config"])
 _DISTRIBUTED = flags.DEFINE_enum("distributed", "auto", sharding.DISTRIBUTED_MODES,
                                  "Join the other processes of a multi-host run (jax.distributed): auto = when the "
@@ -114,7 +117,8 @@ def print_plan(config) -> None:
   # Imported here: both load every experiment's libraries, and `main --help` stays fast.
   from tna_jax import config_keys, plan  # pylint: disable=g-import-not-at-top
   experiments.get_experiment(config.experiment)  # an unknown experiment fails here, clearly
-  rows = [{"what": k, "value": f"{v:.1f}" if isinstance(v, float) else str(v)} for k, v in plan.plan(config).items()]
+  rows = [{"what": k, "value": f"{v:.1f}" if isinstance(v, float) else str(v)} for k, v in
+          plan.plan(config, _DRY_RUN_DEVICE.value, _DRY_RUN_DEVICES.value).items()]
   print(config_keys.applicable(config))
   print(reporting.format_table(rows, (("planned", "what", "s"), ("", "value", "s"))))
 

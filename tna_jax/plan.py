@@ -4,6 +4,14 @@ The plan names the work (models trained together, epochs, steps) and its memory:
 parameter and optimizer state of all models, the dataset held on the device, and XLA's own
 memory analysis of one compiled training step for all models at once, compiled from
 abstract shapes so nothing is loaded or trained.
+
+For configs trained in epochs it also estimates the time: the FLOPs of one training epoch of
+all models and of one test evaluation, from XLA's cost analysis of the programs `train.fit`
+runs (compiled from abstract shapes on the first local device, every loop step counted:
+`tna_jax.flops`), over the peak FLOP/s of the current devices or of `device` x
+`num_devices` from `flops.PEAKS`. The estimate is the time at that peak: a lower bound,
+which ignores communication and whatever runs below the peak (on the 2-core CPU the
+quickstart runs at ~0.6-0.7 of its measured matmul peak; BENCHMARKS.md).
 """
 
 import functools
@@ -13,7 +21,8 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 
-from tna_jax import experiments, masks, models, optim, train
+from tna_jax import evaluate, experiments, flops, masks, models, optim, sharding, train
+from tna_jax.errors import ConfigError
 
 # (train examples, test examples, image shape, classes) of the image datasets.
 DATASET_SPECS = {
@@ -25,8 +34,13 @@ DATASET_SPECS = {
 MIB = 2**20
 
 
-def plan(config) -> dict[str, Any]:
-  """Validates `config` and describes the work and memory of running it."""
+def plan(config, device: str | None = None, num_devices: int = 1) -> dict[str, Any]:
+  """Validates `config` and describes the work and memory of running it, with time estimates
+  on the current devices and, given a `device` name of `flops.PEAKS`, on `num_devices` of it."""
+  if device is not None and device not in flops.PEAKS:
+    raise ConfigError(f"--dry_run_device={device!r} is not a known device; allowed: {', '.join(flops.PEAKS)}.")
+  if num_devices < 1:
+    raise ConfigError(f"--dry_run_devices={num_devices!r} must be >= 1.")
   module = importlib.import_module(experiments.EXPERIMENTS[config.experiment])
   module.validate(config)
   out: dict[str, Any] = {"experiment": config.experiment, "dataset": config.dataset,
@@ -50,6 +64,53 @@ def plan(config) -> dict[str, Any]:
   if "num_epochs" in config:
     out["total_steps"] = steps * config.num_epochs
   out.update(_step_memory(model, config.optimizer, variables, num_models, batch_size, image_shape))
+  if "num_epochs" in config:
+    num_test = min(config.get("num_test") or spec[1], spec[1])
+    out.update(_time_estimates(config, model, variables, num_models, num_train, num_test, image_shape, device,
+                               num_devices))
+  return out
+
+
+def _time_estimates(config, model, variables, num_models: int, num_train: int, num_test: int, image_shape,
+                    device: str | None, num_devices: int) -> dict[str, Any]:
+  """FLOPs of a training epoch and an evaluation of all models, and the seconds per epoch
+  and per run they take at the peak of the current devices (and of `num_devices` x `device`)."""
+  mesh = sharding.make_mesh(num_models, config.batch_size, devices=jax.devices()[:1])
+  channels = image_shape[-1]
+  mean, std = (0.5,) * channels, (0.25,) * channels  # values do not change the FLOPs
+  steps = num_train // config.batch_size
+  tx = optim.make_optimizer(config.optimizer, steps * config.num_epochs)
+  state = jax.eval_shape(lambda v: train.init_train_state(tx, v, masks.no_mask(v["params"])), variables)
+  stacked = jax.tree.map(lambda s: jax.ShapeDtypeStruct((num_models,) + s.shape, s.dtype), state)
+  train_epochs = train.make_train_epochs(model, tx, mesh, batch_size=config.batch_size, mean=mean, std=std,
+                                         num_examples=num_train, flip=config.augment.flip,
+                                         crop_padding=config.augment.crop_padding)
+  shape = lambda *dims, dtype=jnp.float32: jax.ShapeDtypeStruct(dims, dtype)
+  train_flops = flops.flops(train_epochs.lower(
+      stacked, shape(num_models, dtype=jnp.int32), shape(dtype=jnp.int32),
+      shape(num_train, *image_shape, dtype=jnp.uint8), shape(num_train, dtype=jnp.int32)).compile())
+  eval_batch = min(config.eval_batch_size, num_test)
+  eval_steps = -(-num_test // eval_batch)
+  batches = evaluate.Batches(shape(eval_steps, eval_batch, *image_shape, dtype=jnp.uint8),
+                             shape(eval_steps, eval_batch, dtype=jnp.int32), shape(eval_steps, eval_batch))
+  eval_flops = flops.flops(train.make_evaluate_all(model, mesh, mean, std).lower(
+      stacked.variables, batches).compile())
+  evaluations = len([e for e in range(1, config.num_epochs + 1)
+                     if e % config.get("eval_every", 1) == 0 or e == config.num_epochs])
+  epoch_flops = train_flops + eval_flops * evaluations / config.num_epochs
+  out = {"train_gflop_per_epoch": train_flops / 1e9, "eval_gflop": eval_flops / 1e9}
+  here = jax.devices()[0]
+  targets = [(f"{jax.device_count()} x {here.device_kind}", flops.device_peak(here), jax.device_count())]
+  if device is not None:
+    peak = flops.PEAKS[device]
+    targets.append((f"{num_devices} x {device}", peak.bf16 or peak.fp32, num_devices))
+  for name, peak, count in targets:
+    if peak:
+      rate = f"{peak / 1e12:.3g} TFLOP/s" if peak >= 1e12 else f"{peak / 1e9:.3g} GFLOP/s"
+      out[f"estimated_epoch ({name} at {rate} each)"] = _seconds(epoch_flops / (peak * count))
+      out[f"estimated_run ({name})"] = _seconds(epoch_flops * config.num_epochs / (peak * count))
+    else:
+      out[f"estimated_epoch ({name})"] = "unknown (no peak known for this device)"
   return out
 
 
@@ -69,3 +130,8 @@ def _step_memory(model, opt_config, variables, num_models: int, batch_size: int,
     out["step_total_mib"] = (analysis.argument_size_in_bytes + analysis.output_size_in_bytes +
                              analysis.temp_size_in_bytes) / MIB
   return out
+
+
+def _seconds(seconds: float) -> str:
+  """'0.00156 s', '60.1 s', '1,730 s (28.8 min)'."""
+  return f"{seconds:.3g} s" if seconds < 1000 else f"{seconds:,.0f} s ({seconds / 60:.1f} min)"

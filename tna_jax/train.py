@@ -22,7 +22,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
-from tna_jax import data, execution, sharding, stacking
+from tna_jax import data, evaluate, execution, flops, sharding, stacking
 from tna_jax.errors import ConfigError
 
 PyTree = Any
@@ -168,15 +168,21 @@ def fit(model, tx: optax.GradientTransformationExtraArgs, states: TrainState, da
         dataset: "data.Dataset", *, num_epochs: int, batch_size: int, eval_batch_size: int, flip: bool = False,
         crop_padding: int = 0, on_epoch: Callable[[dict, TrainState], None] | None = None,
         history: list[dict] | None = None, progress: bool = True, mesh: jax.sharding.Mesh | None = None,
-        policy: execution.ExecutionPolicy | None = None) -> tuple[TrainState, list[dict]]:
+        policy: execution.ExecutionPolicy | None = None, eval_every: int = 1) -> tuple[TrainState, list[dict]]:
   """Trains the K stacked `states` for `num_epochs`; model k sees data order `data_seeds[k]`.
 
   One compiled call per epoch trains all K models, and a second evaluates all of them on
-  the test set. `mesh` (default `sharding.make_mesh` over every device of every process)
-  spreads the models over its 'models' axis and each batch over 'data'; the result does
-  not depend on it beyond float rounding. Returns the trained states, replicated on every
-  device so that any process can read, evaluate and save them, and one metrics record per
-  epoch, each value a list over the K models. `on_epoch(record, states)` sees each record
+  the test set every `eval_every` epochs and after the last (on the quickstart's MLP the
+  evaluation costs ~5 % of an epoch; the records of other epochs have no test_* keys). Both
+  calls are compiled before the first epoch, so each record's `seconds` excludes compilation,
+  and the training call's cost analysis gives every record `train_flops` (FLOPs of the epoch
+  on all devices), `train_flops_per_s` and `train_mfu` (its fraction of the devices' peak,
+  `tna_jax.flops.device_peak`: the chip's bf16 peak, or the measured matmul peak on CPU;
+  absent for an unknown accelerator). `mesh` (default `sharding.make_mesh` over every device
+  of every process) spreads the models over its 'models' axis and each batch over 'data';
+  the result does not depend on it beyond float rounding. Returns the trained states,
+  replicated on every device so that any process can read, evaluate and save them, and one
+  metrics record per epoch, each value a list over the K models. `on_epoch(record, states)` sees each record
   and the states after it (to checkpoint them). A resumed run passes the `history` of the
   epochs already done with the states after them: training continues at epoch
   `len(history)` exactly as if it had never stopped (epoch keys derive from the epoch).
@@ -184,10 +190,11 @@ def fit(model, tx: optax.GradientTransformationExtraArgs, states: TrainState, da
   nothing beyond float rounding either.
   """
   from tqdm import tqdm  # pylint: disable=g-import-not-at-top
-  from tna_jax import evaluate  # pylint: disable=g-import-not-at-top
 
   num_train = len(dataset.train_labels)
   check_batch_size(batch_size, num_train)
+  if eval_every < 1:
+    raise ConfigError(f"eval_every={eval_every!r} must be >= 1.")
   mesh = mesh or sharding.make_mesh(len(data_seeds), batch_size)
   policy = policy or execution.policy(mesh)
   if batch_size % mesh.shape[sharding.DATA]:
@@ -195,33 +202,92 @@ def fit(model, tx: optax.GradientTransformationExtraArgs, states: TrainState, da
                      f"({mesh.shape[sharding.DATA]} devices)")
   train_epochs = make_train_epochs(model, tx, mesh, batch_size=batch_size, mean=dataset.mean, std=dataset.std,
                                    num_examples=num_train, flip=flip, crop_padding=crop_padding, policy=policy)
-  by_model, replicated = sharding.named(mesh, sharding.MODELS), sharding.named(mesh)
-  apply_fn = evaluate.inference_fn(model)
-  evaluate_one = lambda variables, batches: evaluate.evaluate(apply_fn, variables, batches, dataset.mean, dataset.std)
-  evaluate_all = jax.jit(stacking.map_stacked(evaluate_one, sequential=policy.sequential,
-                                              in_axes=(0, None), spmd_axis_name=sharding.MODELS),
-                         out_shardings=replicated)
-  states = sharding.put(states, by_model)
-  seeds = sharding.put(np.asarray(data_seeds, np.int32), by_model)
+  evaluate_all = make_evaluate_all(model, mesh, dataset.mean, dataset.std, policy)
+  states = sharding.put(states, sharding.named(mesh, sharding.MODELS))
+  seeds = sharding.put(np.asarray(data_seeds, np.int32), sharding.named(mesh, sharding.MODELS))
   train_images, train_labels = (sharding.shard_rows(a, mesh) for a in (dataset.train_images, dataset.train_labels))
   data_devices = mesh.shape[sharding.DATA]  # padding to a multiple has weight 0: same metrics
   test_batches = evaluate.make_batches(dataset.test_images, dataset.test_labels,
                                        -(-min(eval_batch_size, len(dataset.test_labels)) // data_devices) * data_devices)
   split = test_batches.labels.shape[1] % data_devices == 0  # a test split smaller than the mesh stays whole
   test_batches = sharding.put(test_batches, sharding.named(mesh, *((None, sharding.DATA) if split else ())))
-  history = list(history or [])
+  train_epochs = train_epochs.lower(states, seeds, len(history or []), train_images, train_labels).compile()
+  evaluate_all = evaluate_all.lower(states.variables, test_batches).compile()
+  speed = EpochSpeed(train_epochs, mesh)
+  history, postfix = list(history or []), {}
   bar = tqdm(range(len(history), num_epochs), desc="train", unit="epoch", initial=len(history), total=num_epochs,
              disable=not (progress and sharding.is_writer()), dynamic_ncols=True)
   for epoch in bar:
     start = time.perf_counter()
-    states, train_metrics = train_epochs(states, seeds, epoch, train_images, train_labels)
-    test_metrics = evaluate_all(states.variables, test_batches)
+    states, train_metrics = jax.block_until_ready(train_epochs(states, seeds, epoch, train_images, train_labels))
+    train_seconds = time.perf_counter() - start
     record = {"epoch": epoch + 1, "seconds": 0.0}
     record.update({f"train_{k}": v for k, v in sharding.fetch(train_metrics).items()})
-    record.update({f"test_{k}": v for k, v in sharding.fetch(test_metrics).items()})
+    if (epoch + 1) % eval_every == 0 or epoch + 1 == num_epochs:
+      test_metrics = evaluate_all(states.variables, test_batches)
+      record.update({f"test_{k}": v for k, v in sharding.fetch(test_metrics).items()})
+      postfix["test_acc"] = " ".join(f"{a:.3f}" for a in record["test_accuracy"])
     record["seconds"] = time.perf_counter() - start
+    record.update(speed.of(train_seconds))
+    postfix["GFLOP/s"] = f"{record['train_flops_per_s'] / 1e9:.1f}"
+    if "train_mfu" in record:
+      postfix["mfu"] = f"{record['train_mfu']:.0%}"
+    bar.set_postfix(postfix)
     history.append(record)
-    bar.set_postfix(test_acc=" ".join(f"{a:.3f}" for a in record["test_accuracy"]))
     if on_epoch:
       on_epoch(record, states)
   return sharding.replicate(states, mesh), history
+
+
+def make_evaluate_all(model, mesh: jax.sharding.Mesh, mean, std,
+                      policy: execution.ExecutionPolicy | None = None) -> Callable:
+  """`evaluate_all(variables, batches) -> metrics`: the K stacked models (sharded on 'models')
+  evaluated on the same batches, metrics replicated, one value per model. `policy` defaults
+  to `execution.policy(mesh)`."""
+  apply_fn = evaluate.inference_fn(model)
+  evaluate_one = lambda variables, batches: evaluate.evaluate(apply_fn, variables, batches, mean, std)
+  sequential = (policy or execution.policy(mesh)).sequential
+  return jax.jit(stacking.map_stacked(evaluate_one, sequential=sequential, in_axes=(0, None),
+                                      spmd_axis_name=sharding.MODELS), out_shardings=sharding.named(mesh))
+
+
+class EpochSpeed:
+  """Achieved FLOP/s and MFU of a compiled training epoch from its measured seconds.
+
+  The FLOPs are the compiled program's cost analysis (`flops.count`, per device) times the
+  mesh's devices; the peak is `flops.device_peak` (the bf16 peak of the chip, or on CPU a
+  matmul measured once per process).
+  """
+
+  def __init__(self, compiled, mesh: jax.sharding.Mesh):
+    self.device_flops = flops.count(compiled).flops
+    self.num_devices = mesh.devices.size
+    self.peak = flops.device_peak(mesh.devices.flat[0])
+
+  def of(self, seconds: float) -> dict[str, float]:
+    """{train_flops, train_flops_per_s, train_mfu} of one epoch that took `seconds`."""
+    out = {"train_flops": self.device_flops * self.num_devices,
+           "train_flops_per_s": flops.achieved(self.device_flops * self.num_devices, seconds)}
+    if self.peak:
+      out["train_mfu"] = flops.mfu(self.device_flops, seconds, self.peak)
+    return out
+
+
+SPEED_COLUMNS = (("epochs", "epochs", "d"), ("train s/epoch", "train_seconds_per_epoch", ".2f"),
+                 ("GFLOP/epoch", "train_gflop_per_epoch", ".1f"), ("GFLOP/s", "train_gflop_per_s", ".1f"),
+                 ("MFU %", "train_mfu_pct", ".1f"))
+
+
+def speed_summary(history: list[dict]) -> dict[str, float | int | None]:
+  """The medians over `fit`'s records of the training call's seconds, GFLOP/s and MFU (%, None
+  without a known peak): the final table's training speed."""
+  timed = [r for r in history if "train_flops_per_s" in r]
+  if not timed:
+    return {"epochs": len(history)}
+  median = lambda values: float(np.median(values))
+  mfus = [r["train_mfu"] for r in timed if "train_mfu" in r]
+  return {"epochs": len(history),
+          "train_seconds_per_epoch": median([r["train_flops"] / r["train_flops_per_s"] for r in timed]),
+          "train_gflop_per_epoch": timed[-1]["train_flops"] / 1e9,
+          "train_gflop_per_s": median([r["train_flops_per_s"] for r in timed]) / 1e9,
+          "train_mfu_pct": 100 * median(mfus) if mfus else None}

@@ -119,7 +119,7 @@ def run(config, workdir: str) -> dict[str, Any]:
       states, history = train.fit(
           model, tx, states, data_seeds, dataset, num_epochs=config.num_epochs, batch_size=config.batch_size,
           eval_batch_size=config.eval_batch_size, flip=config.augment.flip, crop_padding=config.augment.crop_padding,
-          on_epoch=phase.record, history=history, mesh=mesh, policy=policy)
+          on_epoch=phase.record, history=history, mesh=mesh, policy=policy, eval_every=config.eval_every)
 
     with run.timed("lmc"):
       aligned = align_pairs(config, model, states, variants, dataset, policy)
@@ -135,6 +135,7 @@ def run(config, workdir: str) -> dict[str, Any]:
         "summary": rows,
         "train_seconds": run.seconds["train"],
         "lmc_seconds": run.seconds["lmc"],
+        "train_speed": train.speed_summary(history),
     }
     if aligned:
       results["aligned_curves"] = aligned_curves
@@ -145,7 +146,9 @@ def run(config, workdir: str) -> dict[str, Any]:
     run.finish(results, f"\nLMC between models 0 and 1 of each variant ({config.model.name} on {config.dataset}, "
                f"{config.num_epochs} epochs{extras}, train {run.seconds['train']:.0f}s, curves "
                f"{run.seconds['lmc']:.1f}s):\n" +
-               reporting.format_table(rows, TABLE_COLUMNS + (ALIGNED_COLUMNS if aligned else ())))
+               reporting.format_table(rows, TABLE_COLUMNS + (ALIGNED_COLUMNS if aligned else ())) +
+               "\n\nTraining speed (median epoch, compilation excluded):\n" +
+               reporting.format_table([results["train_speed"]], train.SPEED_COLUMNS))
   return results
 
 
