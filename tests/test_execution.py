@@ -51,7 +51,7 @@ def test_the_automatic_settings_take_the_policy_given():
   assert matching.resolve_solver("auto") == "scipy"
   assert matching.resolve_solver("auto", gpu) == "hungarian"
   assert matching.resolve_solver("scipy", gpu) == "scipy"  # an explicit solver stays
-  config = config_lib.fed_config()
+  config = config_lib.defaults("fed")
   assert config.client_batch == 0
   assert fed.round_spec(config, 20, execution.policy()).client_batch == 1
   assert fed.round_spec(config, 20, gpu).client_batch == 0
