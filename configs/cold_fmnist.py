@@ -7,9 +7,9 @@ pretrained here on 10000 examples of classes 0-4; 4 rounds of 2 epochs.
 python -m tna_jax.main --config=configs/cold_fmnist.py --workdir=workdirs/cold_fmnist
 """
 
-from tna_jax import config_lib
+from tna_jax.config import loader
 
 
 def get_config(arg=None):
-  config = config_lib.defaults("cold")
-  return config_lib.apply_preset(config, arg)
+  config = loader.defaults("cold")
+  return loader.apply_preset(config, arg)

@@ -9,11 +9,11 @@ pretrained text model offline, the base is the seeded initialization unless
 python -m tna_jax.main --config=configs/cold_glue.py --workdir=workdirs/cold_glue --config.data_dir=DIR
 """
 
-from tna_jax import config_lib
+from tna_jax.config import loader
 
 
 def get_config(arg=None):
-  config = config_lib.defaults("cold")
+  config = loader.defaults("cold")
   config.dataset = "glue"
   config.model.update(name="text_transformer", depth=4, width=256, num_heads=4, mlp_dim=1024, pool="gap",
                       lora_rank=8, lora_alpha=16.0)
@@ -23,4 +23,4 @@ def get_config(arg=None):
   config.cold.update(tasks="sst2,qnli,mnli,qqp", unseen_tasks="rte,mrpc", rounds=5, epochs_per_round=1,
                      examples_per_task=20000, max_len=128)
   config.num_test = 2000
-  return config_lib.apply_preset(config, arg)
+  return loader.apply_preset(config, arg)

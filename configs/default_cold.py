@@ -1,20 +1,20 @@
 """Defaults of the `cold` experiment: ColD fusion rounds over Fashion-MNIST label tasks; the
 fine-tuning keys come from configs/default_finetune.py. Every cold config starts from these.
 
-Meanings and allowed values of every key: docs/config_keys.md (from tna_jax/config_keys.py).
+Meanings and allowed values of every key: docs/config_keys.md (from tna_jax/config/schema.py).
 """
 
 import ml_collections
 
-from tna_jax import config_lib
+from tna_jax.config import loader
 
 # The `quick` preset (alias `runlocal`): a tiny run for smoke tests and CI.
-QUICK = {**config_lib.quick_overrides("finetune"), "cold.rounds": 1, "cold.epochs_per_round": 1,
+QUICK = {**loader.quick_overrides("finetune"), "cold.rounds": 1, "cold.epochs_per_round": 1,
          "cold.examples_per_task": 256, "cold.start": 1024, "cold.max_len": 32}
 
 
 def get_config(arg=None):
-  config = config_lib.defaults("finetune")
+  config = loader.defaults("finetune")
   config.experiment = "cold"
   config.cold = ml_collections.ConfigDict(dict(
       # Contributors' tasks, ','-separated. Image datasets: a relabeling each ('/'-separated
@@ -27,4 +27,4 @@ def get_config(arg=None):
       start=10000,  # image datasets: task i draws from training examples [start + i * pool, ...)
       max_len=128,  # glue: bytes per example
   ))
-  return config_lib.apply_preset(config, arg)
+  return loader.apply_preset(config, arg)

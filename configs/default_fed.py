@@ -2,12 +2,12 @@
 label skew, SGD 0.1 with momentum 0.9 and weight decay 5e-4, lr x0.99 per round). Every fed
 config starts from these.
 
-Meanings and allowed values of every key: docs/config_keys.md (from tna_jax/config_keys.py).
+Meanings and allowed values of every key: docs/config_keys.md (from tna_jax/config/schema.py).
 """
 
 import ml_collections
 
-from tna_jax import config_lib
+from tna_jax.config import loader
 
 # The `quick` preset (alias `runlocal`): a tiny run for smoke tests and CI.
 QUICK = {"num_train": 1000, "num_test": 500, "partition.num_clients": 4, "num_rounds": 2, "batch_size": 32,
@@ -68,7 +68,7 @@ def get_config(arg=None):
   config.eval_every = 1  # rounds between test evaluations of the global model (and the last round)
   config.eval_batch_size = 1000
   config.client_eval = True  # also the test set reweighted to each client's label mix (local accuracy)
-  config.checkpoint = config_lib.checkpoint_config()
+  config.checkpoint = loader.checkpoint_config()
   config.final_rounds = 5  # reported accuracy = mean over the last this many evaluations (as the authors)
   config.overwrite = False  # replace an earlier run (kept as WORKDIR.previous-* once the new one is complete)
-  return config_lib.apply_preset(config, arg)
+  return loader.apply_preset(config, arg)

@@ -1,12 +1,12 @@
 """Defaults shared by `soup` and `cold`: models fine-tuned from one base (a small ViT).
 
 Not a runnable config: configs/default_soup.py and configs/default_cold.py build on it.
-Meanings and allowed values of every key: docs/config_keys.md (from tna_jax/config_keys.py).
+Meanings and allowed values of every key: docs/config_keys.md (from tna_jax/config/schema.py).
 """
 
 import ml_collections
 
-from tna_jax import config_lib
+from tna_jax.config import loader
 
 # The `quick` preset (alias `runlocal`): a tiny run for smoke tests and CI; soup and cold add their own keys.
 QUICK = {"num_test": 500, "model.depth": 1, "model.width": 16, "model.num_heads": 2, "model.mlp_dim": 32,
@@ -15,7 +15,7 @@ QUICK = {"num_test": 500, "model.depth": 1, "model.width": 16, "model.num_heads"
 
 def get_config():
   config = ml_collections.ConfigDict()
-  config.dataset = "fashion_mnist"  # an image dataset of tna_jax.data, or 'glue' (cold only)
+  config.dataset = "fashion_mnist"  # an image dataset of tna_jax.core.data, or 'glue' (cold only)
   config.data_dir = ""
   config.num_test = 0  # 0 = the whole test split; n = the first n
   config.model = ml_collections.ConfigDict(dict(
@@ -58,6 +58,6 @@ def get_config():
       warmup_steps=0, grad_clip=1.0))
   config.batch_size = 128
   config.eval_batch_size = 1000
-  config.checkpoint = config_lib.checkpoint_config()
+  config.checkpoint = loader.checkpoint_config()
   config.overwrite = False  # replace an earlier run (kept as WORKDIR.previous-* once the new one is complete)
   return config

@@ -1,14 +1,14 @@
 """Defaults of the `lmc` experiment: vanilla vs TNA-PFN vs pruning-at-init, measured by LMC
 barriers (an MLP on the embedded Fashion-MNIST). Every lmc config starts from these.
 
-Meanings and allowed values of every key: docs/config_keys.md (from tna_jax/config_keys.py).
+Meanings and allowed values of every key: docs/config_keys.md (from tna_jax/config/schema.py).
 
 python -m tna_jax.main --config=configs/default_lmc.py --workdir=workdirs/lmc
 """
 
 import ml_collections
 
-from tna_jax import config_lib
+from tna_jax.config import loader
 
 # The `quick` preset (alias `runlocal`): a tiny run for smoke tests and CI.
 QUICK = {"num_train": 2048, "num_test": 1000, "num_epochs": 1, "lmc.num_alphas": 5, "lmc.reset_batches": 2}
@@ -68,6 +68,6 @@ def get_config(arg=None):
       seed=0,  # weight matching: order in which each sweep visits the permutations
       batches=20,  # activation matching: training batches whose activations are correlated
   ))
-  config.checkpoint = config_lib.checkpoint_config()
+  config.checkpoint = loader.checkpoint_config()
   config.overwrite = False  # replace an earlier run (kept as WORKDIR.previous-* once the new one is complete)
-  return config_lib.apply_preset(config, arg)
+  return loader.apply_preset(config, arg)

@@ -1,20 +1,20 @@
 """Defaults of the `soup` experiment: K fine-tuned ViTs, uniform and greedy soups; the
 fine-tuning keys come from configs/default_finetune.py. Every soup config starts from these.
 
-Meanings and allowed values of every key: docs/config_keys.md (from tna_jax/config_keys.py).
+Meanings and allowed values of every key: docs/config_keys.md (from tna_jax/config/schema.py).
 """
 
 import ml_collections
 
-from tna_jax import config_lib
+from tna_jax.config import loader
 
 # The `quick` preset (alias `runlocal`): a tiny run for smoke tests and CI.
-QUICK = {**config_lib.quick_overrides("finetune"), "split.start": 1024, "split.num_train": 512,
+QUICK = {**loader.quick_overrides("finetune"), "split.start": 1024, "split.num_train": 512,
          "split.num_heldout": 256, "soup.num_models": 3, "soup.epochs": "1"}
 
 
 def get_config(arg=None):
-  config = config_lib.defaults("finetune")
+  config = loader.defaults("finetune")
   config.experiment = "soup"
   config.split = ml_collections.ConfigDict(dict(
       start=10000,  # fine-tuning data: training examples [start, start + num_train) ...
@@ -30,4 +30,4 @@ def get_config(arg=None):
       crop_padding=2,
       hparam_seed=0,
   ))
-  return config_lib.apply_preset(config, arg)
+  return loader.apply_preset(config, arg)

@@ -7,11 +7,11 @@ python -m tna_jax.main --config=configs/fed_cifar10_resnet20.py --workdir=workdi
     --config.data_dir=/path/to/tensorflow_datasets
 """
 
-from tna_jax import config_lib
+from tna_jax.config import loader
 
 
 def get_config(arg=None):
-  config = config_lib.defaults("fed")
+  config = loader.defaults("fed")
   config.dataset = "cifar10"
   config.model.name = "resnet20"
   config.model.norm = "batchnorm"
@@ -23,4 +23,4 @@ def get_config(arg=None):
   config.optimizer.update(name="sgd", learning_rate=0.1, momentum=0.9, weight_decay=5e-4)
   config.lr_decay_per_round = 0.99
   config.prox_mu = 0.01
-  return config_lib.apply_preset(config, arg)
+  return loader.apply_preset(config, arg)

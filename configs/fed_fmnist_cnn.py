@@ -5,11 +5,11 @@ label skew (alpha 0.5, 20 clients), offline, sized to finish within 15 minutes o
 python -m tna_jax.main --config=configs/fed_fmnist_cnn.py --workdir=workdirs/fed_fmnist_cnn
 """
 
-from tna_jax import config_lib
+from tna_jax.config import loader
 
 
 def get_config(arg=None):
-  config = config_lib.defaults("fed")
+  config = loader.defaults("fed")
   config.model.name = "cnn"
   config.num_train = 4000  # the first 4000 training examples, split over the 20 clients
   config.num_test = 2000
@@ -18,4 +18,4 @@ def get_config(arg=None):
   config.batch_size = 32
   config.optimizer.learning_rate = 0.05
   config.checkpoint.every = 5
-  return config_lib.apply_preset(config, arg)
+  return loader.apply_preset(config, arg)

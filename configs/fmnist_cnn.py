@@ -3,12 +3,12 @@
 python -m tna_jax.main --config=configs/fmnist_cnn.py --workdir=workdirs/fmnist_cnn
 """
 
-from tna_jax import config_lib
+from tna_jax.config import loader
 
 
 def get_config(arg=None):
-  config = config_lib.defaults("lmc")
+  config = loader.defaults("lmc")
   config.model.name = "cnn"
   config.optimizer.learning_rate = 0.05
   config.num_epochs = 10
-  return config_lib.apply_preset(config, arg)
+  return loader.apply_preset(config, arg)

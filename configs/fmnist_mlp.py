@@ -3,13 +3,13 @@
 python -m tna_jax.main --config=configs/fmnist_mlp.py --workdir=workdirs/fmnist_mlp
 """
 
-from tna_jax import config_lib
+from tna_jax.config import loader
 
 
 def get_config(arg=None):
-  config = config_lib.defaults("lmc")
+  config = loader.defaults("lmc")
   config.model.name = "mlp"
   config.model.depth = 4
   config.model.width = 512
   config.num_epochs = 10
-  return config_lib.apply_preset(config, arg)
+  return loader.apply_preset(config, arg)

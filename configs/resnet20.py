@@ -4,11 +4,11 @@ python -m tna_jax.main --config=configs/resnet20.py --workdir=workdirs/resnet20 
 Offline on this machine: --config.dataset=fashion_mnist. Other norms: --config.model.norm=layernorm|none.
 """
 
-from tna_jax import config_lib
+from tna_jax.config import loader
 
 
 def get_config(arg=None):
-  config = config_lib.defaults("lmc")
+  config = loader.defaults("lmc")
   config.dataset = "cifar10"
   config.model.name = "resnet20"
   config.model.norm = "batchnorm"
@@ -17,4 +17,4 @@ def get_config(arg=None):
   config.optimizer.schedule = "cosine"
   config.num_epochs = 100
   config.lmc.alpha_chunk = 7  # bounds memory: 7 interpolated ResNets evaluated at once
-  return config_lib.apply_preset(config, arg)
+  return loader.apply_preset(config, arg)

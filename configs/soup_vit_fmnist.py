@@ -7,9 +7,9 @@ learning rates (x0.3, x1, x3), epochs (2 or 4) and augmentation, and souped.
 python -m tna_jax.main --config=configs/soup_vit_fmnist.py --workdir=workdirs/soup_vit_fmnist
 """
 
-from tna_jax import config_lib
+from tna_jax.config import loader
 
 
 def get_config(arg=None):
-  config = config_lib.defaults("soup")
-  return config_lib.apply_preset(config, arg)
+  config = loader.defaults("soup")
+  return loader.apply_preset(config, arg)

@@ -4,11 +4,11 @@ python -m tna_jax.main --config=configs/vgg11.py --workdir=workdirs/vgg11 --conf
 Offline: --config.dataset=fashion_mnist. VGG13/16: --config.model.name=vgg13|vgg16.
 """
 
-from tna_jax import config_lib
+from tna_jax.config import loader
 
 
 def get_config(arg=None):
-  config = config_lib.defaults("lmc")
+  config = loader.defaults("lmc")
   config.dataset = "cifar10"
   config.model.name = "vgg11"
   config.model.width_multiplier = 1.0
@@ -16,4 +16,4 @@ def get_config(arg=None):
   config.optimizer.schedule = "cosine"
   config.num_epochs = 100
   config.lmc.alpha_chunk = 7
-  return config_lib.apply_preset(config, arg)
+  return loader.apply_preset(config, arg)

@@ -4,7 +4,7 @@
 #   launch/gpu_host.sh --config configs/resnet20.py --workdir /tmp/tna_run [--gpus 0,1,2,3] [--dry-run]
 #
 # By default ONE process drives every visible GPU: the mesh spans them all, batches are
-# split over the 'data' axis and the vmapped models over 'models' (see tna_jax.sharding).
+# split over the 'data' axis and the vmapped models over 'models' (see tna_jax.core.sharding).
 # --processes N starts N processes instead, one per GPU, joined by jax.distributed on
 # 127.0.0.1 (the multi-host code path, handy to test it on one machine); process 0 writes.
 # --install first installs jax[cuda12] and this checkout. Each command is printed before it

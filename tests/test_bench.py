@@ -8,7 +8,6 @@ import os
 import subprocess
 import sys
 
-import pytest
 
 from tna_jax.bench import FIGURES, core, efficiency
 

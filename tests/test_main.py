@@ -10,7 +10,8 @@ import numpy as np
 import orbax.checkpoint as ocp
 import pytest
 
-from tna_jax import evaluate, saved_runs
+from tna_jax.core import evaluate
+from tna_jax.runs import saved_runs
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TINY = ["--config.num_train=1024", "--config.num_test=500", "--config.model.depth=2", "--config.model.width=64",

@@ -28,37 +28,39 @@ __version__ = "0.1.0"
 # public name -> (module, attribute in it)
 _EXPORTS: dict[str, tuple[str, str]] = {
     # data and models
-    "load_dataset": ("tna_jax.data", "load_dataset"),
-    "make_batches": ("tna_jax.evaluate", "make_batches"),
-    "get_model": ("tna_jax.models", "get_model"),
-    "init_variables": ("tna_jax.models", "init_variables"),
+    "load_dataset": ("tna_jax.core.data", "load_dataset"),
+    "make_batches": ("tna_jax.core.evaluate", "make_batches"),
+    "get_model": ("tna_jax.core.models", "get_model"),
+    "init_variables": ("tna_jax.core.models", "init_variables"),
     # masks and the freeze transform
-    "fixed_mask": ("tna_jax.masks", "fixed_mask"),
-    "no_mask": ("tna_jax.masks", "no_mask"),
-    "prune": ("tna_jax.masks", "prune"),
-    "freeze": ("tna_jax.masks", "freeze"),
+    "fixed_mask": ("tna_jax.core.masks", "fixed_mask"),
+    "no_mask": ("tna_jax.core.masks", "no_mask"),
+    "prune": ("tna_jax.core.masks", "prune"),
+    "freeze": ("tna_jax.core.masks", "freeze"),
     # the optimizer and training K stacked models
-    "make_optimizer": ("tna_jax.optim", "make_optimizer"),
-    "init_train_state": ("tna_jax.train", "init_train_state"),
-    "stack": ("tna_jax.train", "stack"),
-    "unstack": ("tna_jax.train", "unstack"),
-    "fit": ("tna_jax.train", "fit"),
+    "make_optimizer": ("tna_jax.core.optim", "make_optimizer"),
+    "init_train_state": ("tna_jax.core.train", "init_train_state"),
+    "stack": ("tna_jax.core.train", "stack"),
+    "unstack": ("tna_jax.core.train", "unstack"),
+    "fit": ("tna_jax.core.train", "fit"),
+    "evaluate": ("tna_jax.core.evaluate", "evaluate"),
     # linear mode connectivity
-    "interpolate": ("tna_jax.lmc", "interpolate"),
-    "lmc_curve": ("tna_jax.lmc", "lmc_curve"),
-    "barriers": ("tna_jax.lmc", "barriers"),
+    "interpolate": ("tna_jax.alignment.interpolation", "interpolate"),
+    "lmc_curve": ("tna_jax.alignment.interpolation", "lmc_curve"),
+    "barriers": ("tna_jax.alignment.interpolation", "barriers"),
     # post-hoc alignment
-    "align": ("tna_jax.matching", "align"),
-    "weight_matching": ("tna_jax.matching", "weight_matching"),
-    "activation_matching": ("tna_jax.matching", "activation_matching"),
-    "permutation_spec": ("tna_jax.permutations", "spec_for"),
-    "register_permutation_spec": ("tna_jax.permutations", "register"),
-    "repair": ("tna_jax.repair", "repair"),
+    "align": ("tna_jax.alignment.matching", "align"),
+    "weight_matching": ("tna_jax.alignment.matching", "weight_matching"),
+    "activation_matching": ("tna_jax.alignment.matching", "activation_matching"),
+    "permutation_spec": ("tna_jax.alignment.permutations", "spec_for"),
+    "register_permutation_spec": ("tna_jax.alignment.permutations", "register"),
+    "permutations_chain": ("tna_jax.alignment.permutations", "chain"),
+    "repair": ("tna_jax.alignment.repair", "repair"),
     # fusion
-    "uniform_soup": ("tna_jax.soup", "uniform_soup"),
-    "greedy_soup": ("tna_jax.soup", "greedy_soup"),
+    "uniform_soup": ("tna_jax.fusion.model_soups", "uniform_soup"),
+    "greedy_soup": ("tna_jax.fusion.model_soups", "greedy_soup"),
     # finished runs
-    "load_run": ("tna_jax.saved_runs", "load_run"),
+    "load_run": ("tna_jax.runs.saved_runs", "load_run"),
 }
 _SUBPACKAGES = ("federated",)
 

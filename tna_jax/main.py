@@ -7,7 +7,7 @@
 Errors in the user's input (flags, config keys and values, missing data, a busy or
 finished workdir) end the run with one line on stderr and exit code 2, before anything is
 written; a run that fails on its own (a diverged loss) exits with 3. Killed or preempted,
-the same command resumes the run from its last checkpoint (`tna_jax.runtime`).
+the same command resumes the run from its last checkpoint (`tna_jax.runs.runtime`).
 """
 
 import contextlib
@@ -18,8 +18,11 @@ import sys
 from absl import app, flags, logging
 from ml_collections import config_flags
 
-from tna_jax import config_lib, experiments, reporting, sharding
+from tna_jax import experiments
+from tna_jax.config import loader
+from tna_jax.core import sharding
 from tna_jax.errors import TnaError
+from tna_jax.runs import reporting
 
 _CONFIG = config_flags.DEFINE_config_file("config", None, "Experiment config file (configs/NAME.py[:arg]).",
                                           lock_config=True)
@@ -27,7 +30,7 @@ _WORKDIR = flags.DEFINE_string("workdir", None, "Directory for results, plots an
 _DRY_RUN = flags.DEFINE_bool("dry_run", False, "Print the resolved config and the planned work and memory; "
                              "train nothing, write nothing.")
 _DRY_RUN_DEVICE = flags.DEFINE_string("dry_run_device", None, "With --dry_run, also estimate the time on this "
-                                      "accelerator (a name of tna_jax.flops.PEAKS, e.g. tpu_v5e, h100_sxm).")
+                                      "accelerator (a name of tna_jax.core.flops.PEAKS, e.g. tpu_v5e, h100_sxm).")
 _DRY_RUN_DEVICES = flags.DEFINE_integer("dry_run_devices", 1, "Chips of --dry_run_device (the pod or host size).")
 flags.mark_flags_as_required(["config"])
 _DISTRIBUTED = flags.DEFINE_enum("distributed", "auto", sharding.DISTRIBUTED_MODES,
@@ -62,8 +65,8 @@ def parse_flags(argv: list[str]) -> list[str]:
 def _resolve_config(arg: str, previous: str) -> str:
   """`--config=NAME` (or `--config NAME`) resolved to a packaged config's path by name."""
   if arg.startswith("--config="):
-    return "--config=" + config_lib.resolve_config_flag(arg[len("--config="):])
-  return config_lib.resolve_config_flag(arg) if previous == "--config" else arg
+    return "--config=" + loader.resolve_config_flag(arg[len("--config="):])
+  return loader.resolve_config_flag(arg) if previous == "--config" else arg
 
 
 def load_config():
@@ -84,7 +87,7 @@ def config_mistake(error: BaseException) -> str:
     missing = re.search(r"No such file or directory: '([^']*)'", str(error))
     if not missing:
       return one_line(error)
-    names = ", ".join(path.stem for path in config_lib.config_files())
+    names = ", ".join(path.stem for path in loader.config_files())
     return f"config file {missing.group(1)!r} does not exist; packaged configs (by name): {names}"
   return one_line(error)
 
@@ -115,11 +118,12 @@ def print_plan(config) -> None:
   """The --dry_run output: the config keys that apply to its experiment and model, then the
   plan as a two-column table."""
   # Imported here: both load every experiment's libraries, and `main --help` stays fast.
-  from tna_jax import config_keys, plan  # pylint: disable=g-import-not-at-top
+  from tna_jax.config import schema  # pylint: disable=g-import-not-at-top
+  from tna_jax.runs import plan  # pylint: disable=g-import-not-at-top
   experiments.get_experiment(config.experiment)  # an unknown experiment fails here, clearly
   rows = [{"what": k, "value": f"{v:.1f}" if isinstance(v, float) else str(v)} for k, v in
           plan.plan(config, _DRY_RUN_DEVICE.value, _DRY_RUN_DEVICES.value).items()]
-  print(config_keys.applicable(config))
+  print(schema.applicable(config))
   print(reporting.format_table(rows, (("planned", "what", "s"), ("", "value", "s"))))
 
 

@@ -9,8 +9,8 @@ import platform
 from absl import app, flags
 import jax
 
-from tna_jax import reporting
 from tna_jax.bench import FIGURES
+from tna_jax.runs import reporting
 
 _ONLY = flags.DEFINE_list("only", [], f"Figures to run (default all): {', '.join(FIGURES)}.")
 _QUICK = flags.DEFINE_bool("quick", False, "Smaller work per figure (smoke test); ratios are less reliable.")

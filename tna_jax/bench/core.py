@@ -18,8 +18,9 @@ import ml_collections
 import numpy as np
 import optax
 
-from tna_jax import data, evaluate, execution, lmc, masks, models, optim, sharding, train
+from tna_jax.alignment import interpolation
 from tna_jax.bench import timing
+from tna_jax.core import data, evaluate, execution, masks, models, optim, sharding, train
 
 SGD = dict(name="sgd", learning_rate=0.05, momentum=0.9, weight_decay=5e-4)
 MLP = dict(name="mlp", depth=4, width=512)  # the quickstart config's model
@@ -126,7 +127,7 @@ def mask_overhead_ratio(quick: bool) -> dict:
 
 
 def lmc_curve_speedup(quick: bool) -> dict:
-  """A per-alpha Python loop of jitted batch evaluations / `lmc.lmc_curve` in one call.
+  """A per-alpha Python loop of jitted batch evaluations / `interpolation.lmc_curve` in one call.
 
   The loop is how LMC code usually measures a curve: for each alpha, interpolate, then
   evaluate batch by batch from host memory, reading each batch's sums back. Both evaluate
@@ -141,7 +142,7 @@ def lmc_curve_speedup(quick: bool) -> dict:
   alphas = jnp.linspace(0.0, 1.0, num_alphas)
   batches = evaluate.make_batches(dataset.test_images, dataset.test_labels, batch)
   apply_fn, mean, std = evaluate.inference_fn(model), dataset.mean, dataset.std
-  interpolate = jax.jit(lmc.interpolate)
+  interpolate = jax.jit(interpolation.interpolate)
 
   @jax.jit
   def batch_sums(variables, images, labels):
@@ -162,7 +163,7 @@ def lmc_curve_speedup(quick: bool) -> dict:
       curve.append((loss / num_test, correct / num_test))
     return np.asarray(curve)
 
-  one_call = lambda chunk=0: lmc.lmc_curve(model, va, vb, alphas, batches, mean, std, alpha_chunk=chunk)
+  one_call = lambda chunk=0: interpolation.lmc_curve(model, va, vb, alphas, batches, mean, std, alpha_chunk=chunk)
   seconds = alternate({"loop": loop, "one_call": one_call, "one_call_vmapped": lambda: one_call(num_alphas)}, rounds)
   np.testing.assert_allclose(loop()[:, 1], jax.device_get(one_call())["accuracy"], atol=1e-6)
   return {"value": seconds["loop"] / seconds["one_call"], "target": ">= 5", "device": device(),

@@ -17,8 +17,8 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
-from tna_jax import flops, train
 from tna_jax.bench import core
+from tna_jax.core import flops, train
 
 K, BATCH, EVAL_BATCH = 2, 128, 1000  # the quickstart's models per variant, batch and eval batch
 # The documented setting that meets the goal (BENCHMARKS.md): evaluating the 10,000 test
@@ -122,7 +122,7 @@ def peak_fraction(quick: bool) -> dict:
   `train_mfu` that `train.fit` reports.
 
   FLOPs from XLA's cost analysis of the compiled epoch (K=2 models, every step counted,
-  `tna_jax.flops`) over the training call's time; the peak is the best of a jitted 2048 x
+  `tna_jax.core.flops`) over the training call's time; the peak is the best of a jitted 2048 x
   2048 float32 matmul on the same machine (`flops.cpu_matmul_peak`); on an accelerator the
   published bf16 peak of the chip is the reference instead. The minimal loop of
   `train_efficiency` is measured the same way (`baseline_fraction`): what batches of 128

@@ -5,8 +5,8 @@ import jax.numpy as jnp
 import ml_collections
 import numpy as np
 
-from tna_jax import data, execution, masks, models, optim, train
 from tna_jax.bench import timing
+from tna_jax.core import data, execution, masks, models, optim, train
 from tna_jax.federated import algorithms, client, partition
 
 NUM_CLIENTS = 20

@@ -19,8 +19,9 @@ import jax
 import numpy as np
 import scipy.optimize
 
-from tna_jax import matching, models, permutations
+from tna_jax.alignment import matching, permutations
 from tna_jax.bench import core
+from tna_jax.core import models
 
 
 def host_weight_matching(spec: permutations.PermutationSpec, params_a, params_b, *, seed: int = 0,

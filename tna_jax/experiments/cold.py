@@ -1,8 +1,8 @@
-"""The `cold` experiment: ColD fusion (Don-Yehiya et al., `tna_jax.cold`), with and without
+"""The `cold` experiment: ColD fusion (Don-Yehiya et al., `tna_jax.fusion.cold_fusion`), with and without
 one shared TNA-PFN mask.
 
-This module turns the config into tasks, a base and masks, runs `cold.cold_fusion` for
-every variant at once on the mesh (`tna_jax.sharding`) and writes the results. Round 0's
+This module turns the config into tasks, a base and masks, runs `cold_fusion.cold_fusion` for
+every variant at once on the mesh (`tna_jax.core.sharding`) and writes the results. Round 0's
 accuracies are the baseline "fine-tuning from the original base", round r's are
 "fine-tuning from the base fused r times"; unseen tasks never enter the fused base.
 
@@ -12,7 +12,7 @@ dataset='glue', GLUE task names read through TFDS (`text_data`).
 
 Writes to the workdir: results.json, cold.png, metrics.jsonl (per round) and orbax
 checkpoints (base, <variant>_mask, <variant>_round<r> for each fused base). Fusion is a
-resumable phase (`tna_jax.runtime`): a killed run continues after its last finished round
+resumable phase (`tna_jax.runs.runtime`): a killed run continues after its last finished round
 when the same command runs again.
 """
 
@@ -22,9 +22,11 @@ from typing import Any
 import jax
 import numpy as np
 
-from tna_jax import (bases, cold, config_keys, data, masks, models, optim, reporting, runtime, sharding, tasks,
-                     text_data, train)
+from tna_jax.config import schema
+from tna_jax.core import data, masks, models, optim, sharding, text_data, train
 from tna_jax.errors import ConfigError, parse_list
+from tna_jax.fusion import bases, cold_fusion, tasks
+from tna_jax.runs import reporting, runtime
 
 
 # ----------------------------------------------------------------------------- config
@@ -45,7 +47,7 @@ def planned_models(config) -> int:
 
 def validate(config) -> None:
   """Checks every value the run depends on before any data is read or file written."""
-  config_keys.validate(config)
+  schema.validate(config)
 
 
 # ----------------------------------------------------------------------------- tasks
@@ -106,8 +108,8 @@ def run(config, workdir: str) -> dict[str, Any]:
     else:
       source = data.load_dataset(config.dataset, config.data_dir)
       task_list = image_tasks(config, source)
-    stacked = cold.stack_tasks(task_list, [True] * len(contributors) + [False] * len(unseen), config.eval_batch_size,
-                               config.num_test or None)
+    stacked = cold_fusion.stack_tasks(task_list, [True] * len(contributors) + [False] * len(unseen),
+                                      config.eval_batch_size, config.num_test or None)
     model = models.get_model(config.model, max(stacked.num_classes))
     body = bases.load_source(config)  # a missing or corrupt checkpoint stops here, before the workdir
 
@@ -116,7 +118,7 @@ def run(config, workdir: str) -> dict[str, Any]:
       base = bases.load_base(config, model, source, body, run)
     variants = masks.starting_variants(config)
     fixed = masks.starting_masks(config, base["params"])
-    heads = train.stack([cold.task_head(model, config.init_seed + t, source.image_shape, k)
+    heads = train.stack([cold_fusion.task_head(model, config.init_seed + t, source.image_shape, k)
                          for t, k in enumerate(stacked.num_classes)])
     steps = config.cold.examples_per_task // config.batch_size
     tx = optim.make_optimizer(config.optimizer, steps * config.cold.epochs_per_round)
@@ -138,7 +140,7 @@ def run(config, workdir: str) -> dict[str, Any]:
                     "train_loss": metrics["train_loss"]}, {"bases": train.stack(fused)})
 
     with run.timed("fusion"):
-      accuracy, fused = cold.cold_fusion(
+      accuracy, fused = cold_fusion.cold_fusion(
           model, tx, stacked_base, heads, train.stack([fixed[v] for v in variants]), stacked,
           rounds=config.cold.rounds, epochs=config.cold.epochs_per_round, batch_size=config.batch_size,
           data_seeds=[config.data_seed + t for t in range(len(stacked.names))], mesh=mesh, done=done,
@@ -168,7 +170,7 @@ def table_columns(rounds: int) -> tuple:
           *((f"r{r}", f"r{r}", ".2f") for r in range(rounds + 1)), (f"gain r{rounds}-r0", "gain", "+.2f"))
 
 
-def table_rows(results: dict, accuracy: np.ndarray, stacked: cold.Tasks, variants: list[str]) -> list[dict]:
+def table_rows(results: dict, accuracy: np.ndarray, stacked: cold_fusion.Tasks, variants: list[str]) -> list[dict]:
   """One row per (variant, task), then each variant's mean over contributors and over unseen tasks."""
   rows = []
   for i, variant in enumerate(variants):

@@ -9,7 +9,7 @@ client's label mix (its local accuracy).
 Writes to the workdir: config.json, label_distribution.png, metrics.jsonl and tensorboard/
 (per round, one TensorBoard run per algorithm), checkpoints/<algorithm>/<round> (orbax,
 every `checkpoint.every` rounds, with the history so far), and at the end results.json and
-accuracy.png. Each algorithm is a resumable phase of the run (`tna_jax.runtime`): an
+accuracy.png. Each algorithm is a resumable phase of the run (`tna_jax.runs.runtime`): an
 interrupted run started again with the same command resumes each algorithm from its last
 checkpoint and ends with the same parameters and results as an uninterrupted run.
 """
@@ -20,10 +20,13 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 import numpy as np
+from tqdm import tqdm
 
-from tna_jax import config_keys, data, evaluate, execution, masks, models, optim, reporting, runtime, sharding, train
+from tna_jax.config import schema
+from tna_jax.core import data, evaluate, execution, masks, models, optim, sharding, train
 from tna_jax.errors import ConfigError
 from tna_jax.federated import algorithms, client, partition
+from tna_jax.runs import reporting, runtime
 
 # Keys that may change between a run and its resumption: they change no round of any algorithm.
 RESUMABLE_CHANGES = ("algorithms", "final_rounds", "eval_batch_size")
@@ -53,7 +56,7 @@ def algorithms_of(config) -> list[algorithms.Algorithm]:
 
 def validate(config) -> None:
   """Checks every value the run depends on before any data is read or file written."""
-  config_keys.validate(config)
+  schema.validate(config)
 
 
 def run(config, workdir: str) -> dict[str, Any]:
@@ -146,8 +149,6 @@ def make_evaluate(model, dataset: data.Dataset, counts: np.ndarray, config):
 def train_algorithm(phase: runtime.Phase, state: algorithms.ServerState, round_fn, train_set, evaluate_fn,
                     config) -> list[dict]:
   """Runs one algorithm to config.num_rounds as the resumable `phase`; returns its history."""
-  from tqdm import tqdm  # pylint: disable=g-import-not-at-top
-
   state, _ = phase.restore(state)
   state = jax.tree.map(jnp.asarray, state)
   bar = tqdm(range(phase.done, config.num_rounds), desc=phase.name, unit="round", initial=phase.done,

@@ -7,7 +7,7 @@ trains in ONE vmapped program, then each variant's pair (models 0 and 1) gets an
 re-estimated at every alpha.
 
 With `align = weight | activation`, model 1 of each pair is also permuted onto model 0
-(post-hoc matching, `tna_jax.matching`) and every curve is measured again, so one run
+(post-hoc matching, `tna_jax.alignment.matching`) and every curve is measured again, so one run
 compares TNA-PFN, post-hoc matching and both; with `repair = True` every curve is also
 measured with REPAIR. The table then shows each barrier before and after alignment, with
 the matching's coordinate-descent sweeps and seconds.
@@ -26,11 +26,13 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from tna_jax import (config_keys, data, evaluate, execution, lmc, masks, matching, models, optim, reporting, runtime,
-                     sharding, train)
+from tna_jax.alignment import interpolation, matching
+from tna_jax.config import schema
+from tna_jax.core import data, evaluate, execution, masks, models, optim, sharding, train
 from tna_jax.errors import ConfigError, check_choice
+from tna_jax.runs import reporting, runtime
 
-VARIANTS = config_keys.LMC_VARIANTS
+VARIANTS = schema.LMC_VARIANTS
 
 TABLE_COLUMNS = (
     ("variant", "variant", "s"),
@@ -66,7 +68,7 @@ def variants_of(config) -> tuple[str, ...]:
 
 def validate(config) -> None:
   """Checks every value the run depends on before any data is read or file written."""
-  config_keys.validate(config)
+  schema.validate(config)
 
 
 def planned_models(config) -> int:
@@ -198,7 +200,7 @@ def curve_summary(alphas: jax.Array, curve: dict) -> dict[str, float]:
   """Endpoint and midpoint accuracies (%) and the barriers of one curve."""
   return {"accuracy_a": 100 * float(curve["accuracy"][0]), "accuracy_b": 100 * float(curve["accuracy"][-1]),
           "accuracy_mid": 100 * float(curve["accuracy"][len(alphas) // 2]),
-          **lmc.barriers(alphas, curve["loss"], curve["accuracy"])}
+          **interpolation.barriers(alphas, curve["loss"], curve["accuracy"])}
 
 
 def measure_curves(config, model, states: train.TrainState, variants, dataset: data.Dataset,
@@ -224,7 +226,7 @@ def measure_curves(config, model, states: train.TrainState, variants, dataset: d
       for repair in repairs:
 
         def curve_to(variables, bn_mode=bn_mode, repair=repair):
-          return jax.device_get(lmc.lmc_curve(model, variables_a, variables, alphas, batches, dataset.mean,
+          return jax.device_get(interpolation.lmc_curve(model, variables_a, variables, alphas, batches, dataset.mean,
                                               dataset.std, bn_mode=bn_mode, repair=repair, reset_images=reset_images,
                                               alpha_chunk=config.lmc.alpha_chunk, policy=policy))
 

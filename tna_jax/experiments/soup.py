@@ -6,7 +6,7 @@ shared head initialization) and draws its own hyperparameters: learning-rate fac
 epochs, augmentation; model k sees data order data_seed + k. The variants (vanilla, tna)
 use the same K draws, so they are compared model for model. All models with the same
 augmentation train in ONE compiled program (`train.fit`): learning rate and epochs differ
-inside it through `soup.per_model_run`.
+inside it through `model_soups.per_model_run`.
 
 The training data are training examples [split.start, + split.num_train); the next
 split.num_heldout examples are the held-out split that ranks the models, decides the
@@ -15,7 +15,7 @@ greedy soup and is what `train.fit` reports per epoch; the test split is only re
 Writes to the workdir: results.json, soup.png (held-out vs test accuracy of every model
 and soup), metrics.jsonl and orbax checkpoints (base, mask, <variant>_uniform,
 <variant>_greedy; checkpoints/pretrained when the base was pretrained here). Pretraining
-and each fine-tuning group are resumable phases (`tna_jax.runtime`): a killed run resumes
+and each fine-tuning group are resumable phases (`tna_jax.runs.runtime`): a killed run resumes
 where it stopped when the same command runs again.
 """
 
@@ -26,10 +26,13 @@ import jax
 import numpy as np
 import optax
 
-from tna_jax import bases, config_keys, data, evaluate, masks, models, optim, reporting, runtime, soup, tasks, train
+from tna_jax.config import schema
+from tna_jax.core import data, evaluate, masks, models, optim, train
 from tna_jax.errors import parse_list
+from tna_jax.fusion import bases, model_soups, tasks
+from tna_jax.runs import reporting, runtime
 
-AUGMENTATIONS = config_keys.SOUP_AUGMENTATIONS
+AUGMENTATIONS = schema.SOUP_AUGMENTATIONS
 
 SUMMARY_COLUMNS = (
     ("variant", "variant", "s"),
@@ -50,7 +53,7 @@ def planned_models(config) -> int:
 
 def validate(config) -> None:
   """Checks every value the run depends on before any data is read or file written."""
-  config_keys.validate(config)
+  schema.validate(config)
 
 
 def draw_hyperparameters(config) -> list[dict[str, Any]]:
@@ -120,12 +123,12 @@ def finetune(run: runtime.Run, config, model, base: dict, fixed: dict, variants:
   """
   steps_per_epoch = len(dataset.train_labels) // config.batch_size
   max_epochs = max(h["epochs"] for h in hparams)
-  tx = optax.chain(optim.make_optimizer(config.optimizer, steps_per_epoch * max_epochs), soup.per_model_run())
+  tx = optax.chain(optim.make_optimizer(config.optimizer, steps_per_epoch * max_epochs), model_soups.per_model_run())
   trained = {}
   for augment in sorted({h["augment"] for h in hparams}):
     members = [(v, k) for v in variants for k, h in enumerate(hparams) if h["augment"] == augment]
     states = train.stack([
-        soup.set_run(train.init_train_state(tx, base, fixed[v]), hparams[k]["lr_factor"],
+        model_soups.set_run(train.init_train_state(tx, base, fixed[v]), hparams[k]["lr_factor"],
                      hparams[k]["epochs"] * steps_per_epoch) for v, k in members])
     names = [f"{v}_{k}" for v, k in members]
     num_epochs = max(hparams[k]["epochs"] for _, k in members)
@@ -150,10 +153,10 @@ def make_soups(model, states: train.TrainState, batches: dict, dataset: data.Dat
   """
   stacked = states.variables
   k = jax.tree.leaves(stacked)[0].shape[0]
-  uniform = soup.uniform_soup(stacked)
-  greedy = soup.greedy_soup(model, stacked, batches["heldout"], dataset.mean, dataset.std)
+  uniform = model_soups.uniform_soup(stacked)
+  greedy = model_soups.greedy_soup(model, stacked, batches["heldout"], dataset.mean, dataset.std)
   everything = jax.tree.map(lambda x, u, g: np.concatenate([x, u[None], g[None]]), stacked, uniform, greedy.variables)
-  accuracy = {split: np.asarray(soup.evaluate_stack(model, everything, b, dataset.mean, dataset.std)["accuracy"])
+  accuracy = {split: np.asarray(model_soups.evaluate_stack(model, everything, b, dataset.mean, dataset.std)["accuracy"])
               for split, b in batches.items()}
   best = int(greedy.order[0])
   return {

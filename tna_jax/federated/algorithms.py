@@ -26,7 +26,7 @@ import jax
 import jax.numpy as jnp
 import optax
 
-from tna_jax import execution, masks
+from tna_jax.core import execution, masks
 from tna_jax.errors import ConfigError, check_choice
 from tna_jax.federated import client
 

@@ -22,7 +22,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
-from tna_jax import data, execution, sharding, train
+from tna_jax.core import data, execution, sharding, train
 
 PyTree = Any
 

@@ -10,8 +10,8 @@ from typing import Sequence
 
 import numpy as np
 
-from tna_jax import reporting
 from tna_jax.errors import ConfigError, check_choice
+from tna_jax.runs import reporting
 
 KINDS = ("iid", "dirichlet", "shards")
 # Fresh Dirichlet draws tried before giving up on the minimum client size.

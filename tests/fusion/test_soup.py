@@ -1,0 +1,182 @@
+"""Uniform and greedy soups, per-model learning rates and budgets, and the soup experiment."""
+
+import json
+
+import chex
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+import optax
+import pytest
+
+from tna_jax.config import loader
+from tna_jax.core import data, evaluate, masks, models, optim, train
+from tna_jax.errors import ConfigError
+from tna_jax.experiments import soup as soup_experiment
+from tna_jax.fusion import model_soups
+from tna_jax.runs import metric_writer
+
+MEAN, STD = (0.5,), (0.29,)
+
+
+def _dataset(n=384, seed=0):
+  rng = np.random.default_rng(seed)
+  images = rng.integers(0, 256, (n, 6, 6, 1), dtype=np.uint8)
+  labels = (images.reshape(n, -1)[:, :4].argmax(1)).astype(np.int32)  # learnable
+  return data.Dataset("synthetic", images[:256], labels[:256], images[256:], labels[256:], 4, MEAN, STD)
+
+
+def _mlp():
+  return models.get_model(ml_collections.ConfigDict(dict(name="mlp", depth=1, width=16)), 4)
+
+
+@pytest.fixture(scope="module")
+def trained_models():
+  """Four models fine-tuned from one init with learning-rate factors 0.3, 1, 3 and 0 (the init)."""
+  ds, model = _dataset(), _mlp()
+  variables = models.init_variables(model, jax.random.key(0), ds.image_shape)
+  opt = ml_collections.ConfigDict(dict(name="sgd", learning_rate=0.05, momentum=0.9))
+  tx = optax.chain(optim.make_optimizer(opt, 100), model_soups.per_model_run())
+  states = train.stack([model_soups.set_run(train.init_train_state(tx, variables, masks.no_mask(variables["params"])), f,
+                                     1000) for f in (0.3, 1.0, 3.0, 0.0)])
+  states, _ = train.fit(model, tx, states, [0, 1, 2, 3], ds, num_epochs=2, batch_size=32, eval_batch_size=64,
+                        progress=False)
+  return ds, model, states
+
+
+def test_uniform_soup_is_the_mean_of_the_params():
+  trees = [{"a": jax.random.normal(jax.random.key(i), (3, 4)), "b": {"c": jnp.full((2,), float(i))}} for i in range(5)]
+  stacked = train.stack(trees)
+  expected = jax.tree.map(lambda *xs: np.mean(np.stack(xs), axis=0), *trees)
+  chex.assert_trees_all_close(model_soups.uniform_soup(stacked), expected, rtol=1e-6)
+  weights = np.array([1.0, 0.0, 2.0, 0.0, 1.0])
+  weighted = jax.tree.map(lambda *xs: np.tensordot(weights, np.stack(xs), axes=1) / weights.sum(), *trees)
+  chex.assert_trees_all_close(model_soups.uniform_soup(stacked, weights), weighted, rtol=1e-6)
+
+
+def test_a_soup_keeps_the_fixed_entries_of_the_base_bit_exact():
+  base = {"w": jnp.full((64,), 0.1)}  # 0.1 * 3 / 3 != 0.1 in float32: a plain mean would drift
+  fixed = {"w": jnp.arange(64) % 2 == 0}
+  stacked = train.stack([{"w": jnp.where(fixed["w"], base["w"], i + 1.0)} for i in range(3)])
+  fused = masks.keep_fixed(model_soups.uniform_soup(stacked), base, fixed)
+  np.testing.assert_array_equal(np.asarray(fused["w"])[::2].view(np.uint32), np.asarray(base["w"])[::2].view(np.uint32))
+  np.testing.assert_allclose(fused["w"][1::2], 2.0)
+
+
+def _reference_greedy(model, stacked, batches):
+  """Greedy soup as a plain Python loop over separately evaluated candidates."""
+  apply_fn = evaluate.inference_fn(model)
+  acc = jax.jit(lambda v: evaluate.evaluate(apply_fn, v, batches, MEAN, STD)["accuracy"])
+  k = jax.tree.leaves(stacked)[0].shape[0]
+  individual = [float(acc(train.unstack(stacked, i))) for i in range(k)]
+  order = sorted(range(k), key=lambda i: -individual[i])
+  chosen, best = [order[0]], individual[order[0]]
+  for i in order[1:]:
+    candidate = float(acc(model_soups.uniform_soup(train.stack([train.unstack(stacked, j) for j in chosen + [i]]))))
+    if candidate > best:
+      chosen, best = chosen + [i], candidate
+  return sorted(chosen), best, individual
+
+
+def test_greedy_soup_matches_a_reference_loop_and_never_loses_to_the_best_model(trained_models):
+  ds, model, states = trained_models
+  heldout = evaluate.make_batches(ds.test_images, ds.test_labels, 64)
+  result = model_soups.greedy_soup(model, states.variables, heldout, MEAN, STD)
+  chosen, best, individual = _reference_greedy(model, states.variables, heldout)
+  assert np.flatnonzero(np.asarray(result.ingredients)).tolist() == chosen
+  assert float(result.heldout_accuracy) == pytest.approx(best, abs=1e-6)
+  np.testing.assert_allclose(result.individual_accuracy, individual, atol=1e-6)
+  # Evaluated on its own, the soup is at least as accurate on held-out data as the best model.
+  soup_accuracy = float(evaluate.evaluate(evaluate.inference_fn(model), result.variables, heldout, MEAN, STD)
+                        ["accuracy"])
+  assert soup_accuracy >= max(individual) - 1e-6
+  assert int(result.order[0]) == int(np.argmax(individual))
+  assert not result.ingredients[3] or individual[3] == max(individual)  # the untrained model stays out
+
+
+def test_greedy_soup_of_one_good_model_bad_models_and_a_copy_is_the_good_model(trained_models):
+  ds, model, states = trained_models
+  good = train.unstack(states.variables, 1)
+  noise = lambda s: jax.tree.map(lambda p: p + 3.0 * jax.random.normal(jax.random.key(s), p.shape), good)
+  # A copy of the good model leaves the average, and so its accuracy, unchanged: no improvement, so it stays out.
+  stacked = train.stack([noise(1), good, noise(2), good])
+  result = model_soups.greedy_soup(model, stacked, evaluate.make_batches(ds.test_images, ds.test_labels, 64), MEAN, STD)
+  assert np.asarray(result.ingredients).tolist() == [False, True, False, False]
+  jax.tree.map(lambda a, b: np.testing.assert_array_equal(a, b), result.variables, good)
+
+
+def test_per_model_run_scales_the_learning_rate_and_stops_after_the_budget():
+  ds, model = _dataset(), _mlp()
+  variables = models.init_variables(model, jax.random.key(0), ds.image_shape)
+  fixed = masks.fixed_mask(variables["params"], 0.4, seed=3)
+  opt = ml_collections.ConfigDict(dict(name="adamw", learning_rate=1e-2, weight_decay=1e-2))
+  images, labels = jnp.asarray(ds.train_images), jnp.asarray(ds.train_labels)
+
+  def train_epochs(tx, state, epochs):
+    epoch = jax.jit(train.make_epoch_fn(model, tx, batch_size=32, mean=MEAN, std=STD))
+    for e in range(epochs):
+      state, _ = epoch(state, jax.random.key(e), images, labels)
+    return state.params
+
+  run_tx = optax.chain(optim.make_optimizer(opt, 100), model_soups.per_model_run())
+  start = lambda factor, steps: model_soups.set_run(train.init_train_state(run_tx, variables, fixed), factor, steps)
+  scaled = train_epochs(run_tx, start(3.0, 10_000), 2)
+  plain_tx = optim.make_optimizer(ml_collections.ConfigDict({**opt.to_dict(), "learning_rate": 3e-2}), 100)
+  plain = train_epochs(plain_tx, train.init_train_state(plain_tx, variables, fixed), 2)
+  chex.assert_trees_all_close(scaled, plain, rtol=1e-4, atol=1e-6)
+  # A budget of one epoch: the second epoch changes nothing.
+  steps = len(ds.train_labels) // 32
+  jax.tree.map(np.testing.assert_array_equal, train_epochs(run_tx, start(1.0, steps), 2),
+               train_epochs(run_tx, start(1.0, steps), 1))
+  assert not np.allclose(scaled["head"]["kernel"], variables["params"]["head"]["kernel"])
+  for p0, p1, m in zip(*(jax.tree.leaves(t) for t in (variables["params"], scaled, fixed))):
+    np.testing.assert_array_equal(np.asarray(p0)[np.asarray(m)], np.asarray(p1)[np.asarray(m)])
+
+
+def _tiny_soup_config(**overrides):
+  config = loader.apply_preset(loader.defaults("soup"), "quick")
+  config.model = ml_collections.ConfigDict(dict(name="mlp", depth=1, width=16))  # compiles fast; ViTs: test_transformers
+  config.pretrain.update(num_train=512, batch_size=64)
+  config.split.update(start=512, num_train=256, num_heldout=128)
+  config.soup.update(num_models=2, lr_factors="1", epochs="1", augment="none")
+  config.num_test, config.batch_size, config.eval_batch_size = 200, 64, 200
+  config.update(overrides)
+  return config
+
+
+def test_soup_experiment_writes_results_and_refuses_to_clobber(tmp_path, capsys):
+  config = _tiny_soup_config()
+  results = soup_experiment.run(config, str(tmp_path))
+  out = capsys.readouterr().out
+  for text in ("uniform soup", "greedy soup", "best single", "vanilla", "tna", "held-out %"):
+    assert text in out
+  saved = json.loads((tmp_path / "results.json").read_text())
+  for variant in ("vanilla", "tna"):
+    r = saved["variants"][variant]
+    assert len(r["individual"]["test"]) == 2 and r["greedy"]["heldout"] >= r["best_single"]["heldout"]
+    assert r["best_single"] == results["variants"][variant]["best_single"]
+  assert (tmp_path / "soup.png").stat().st_size > 10_000
+  records = metric_writer.read_jsonl(str(tmp_path / "metrics.jsonl"))
+  finetuned = [r for r in records if r["phase"].startswith("finetune_")]
+  assert finetuned and all("heldout_accuracy" in r and len(r["models"]) == len(r["heldout_accuracy"]) for r in finetuned)
+  assert [r["step"] for r in records if r["phase"] == "pretrain"] == list(range(1, config.pretrain.num_epochs + 1))
+  assert any((tmp_path / "tensorboard").iterdir()), "TensorBoard event file missing"
+  assert (tmp_path / "checkpoints" / "tna_greedy").is_dir() and (tmp_path / "checkpoints" / "pretrained").is_dir()
+  with pytest.raises(ConfigError, match=r"already holds a finished run \(results.json\)"):
+    soup_experiment.run(config, str(tmp_path))
+
+
+@pytest.mark.parametrize("key,value,match", [
+    ("variants", "vanilla,fancy", "variants='fancy'.*vanilla, tna"),
+    ("soup.num_models", 1, "num_models=1 must be >= 2"),
+    ("soup.augment", "none,rotate", "augment='rotate'"),
+    ("base.source", "orbax", "needs base.path"),
+    ("soup.lr_factors", "1,x", "lr_factors='1,x'"),
+])
+def test_bad_soup_configs_are_named(key, value, match):
+  config = _tiny_soup_config()
+  parent, _, leaf = key.rpartition(".")
+  (config[parent] if parent else config)[leaf] = value
+  with pytest.raises(ConfigError, match=match):
+    soup_experiment.validate(config)

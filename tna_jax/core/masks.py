@@ -1,0 +1,218 @@
+"""TNA-PFN masks: which parameter entries stay fixed at their initial values.
+
+A mask is a pytree of booleans shaped like the params, True where the entry is held fixed.
+Every model that will be fused is trained with the same mask and the same initialization,
+so the fixed entries act as anchors that keep the models in one permutation subspace.
+
+The mask reaches the optimizer as an argument of each update (`freeze`), never as a
+constant compiled into the step, so one compiled program serves any mask: vanilla (all
+False), TNA-PFN, its reverse (FedPNU) or many masks vmapped side by side.
+
+Every mask of the library is made here: the one a config's `mask` section describes
+(`from_config`, or `MaskSpec` where it is redrawn, as federated rounds do) and the entries
+that partial fine-tuning leaves frozen (`frozen_except`).
+"""
+
+import dataclasses
+import re
+from typing import Any, NamedTuple
+
+import jax
+import jax.numpy as jnp
+import optax
+
+from tna_jax.core import tree_utils
+from tna_jax.errors import ConfigError, check_choice, parse_list
+
+PyTree = Any
+GRANULARITIES = ("weight", "neuron")
+REDRAWS = ("fixed", "per_round")  # MaskSpec.redraw: one mask for the whole run, or a new one each federated round
+
+
+def fixed_mask(
+    params: PyTree,
+    fixed_fraction: float,
+    *,
+    seed: int,
+    granularity: str = "weight",
+    include: str = "",
+    exclude: str = "",
+) -> PyTree:
+  """Draws the mask of entries held fixed (True) at their initial values.
+
+  Args:
+    params: the parameter pytree the mask is for (only shapes and paths are used).
+    fixed_fraction: probability that an eligible entry (or neuron) is fixed, in [0, 1).
+      The paper's "mask ratio", 0.4 by default there.
+    seed: the mask seed; each leaf's key is derived from it and the leaf's path, so the
+      same config gives the same mask in any process, whatever the leaf order.
+    granularity: 'weight' fixes single entries (the paper); 'neuron' fixes whole output
+      units: every parameter of a module indexed by the unit on its last axis (kernel
+      columns, bias, norm scale) shares one draw per unit.
+    include: regex; when set, only leaves whose path ('Dense_0/kernel') matches it are
+      eligible.
+    exclude: regex; leaves whose path matches it are never fixed.
+
+  Returns:
+    A pytree of bool arrays with the structure and shapes of `params`.
+  """
+  if not 0.0 <= fixed_fraction < 1.0:
+    raise ConfigError(f"mask fixed_fraction={fixed_fraction!r} is out of range; allowed: 0 <= fixed_fraction < 1.")
+  check_choice("mask.granularity", granularity, GRANULARITIES)
+  include_re, exclude_re = _compile(include, "mask.include"), _compile(exclude, "mask.exclude")
+  root = jax.random.key(seed)
+
+  def leaf_mask(path: str, leaf: jax.Array) -> jax.Array:
+    eligible = (include_re is None or include_re.search(path)) and not (exclude_re and exclude_re.search(path))
+    if not eligible or fixed_fraction == 0.0:
+      return jnp.zeros(leaf.shape, bool)
+    if granularity == "neuron" and leaf.ndim >= 1:
+      module_path = path.rsplit("/", 1)[0]
+      per_unit = jax.random.bernoulli(tree_utils.path_key(root, module_path), fixed_fraction, leaf.shape[-1:])
+      return jnp.broadcast_to(per_unit, leaf.shape)
+    return jax.random.bernoulli(tree_utils.path_key(root, path), fixed_fraction, leaf.shape)
+
+  return tree_utils.map_with_path_str(leaf_mask, params)
+
+
+def _compile(pattern: str, key: str) -> re.Pattern | None:
+  """The regex of config key `key`; None for '' (no pattern)."""
+  if not pattern:
+    return None
+  try:
+    return re.compile(pattern)
+  except re.error as e:
+    raise ConfigError(f"{key}={pattern!r} is not a valid regular expression: {e}.") from None
+
+
+def no_mask(params: PyTree) -> PyTree:
+  """The all-False mask: vanilla training through the same compiled program."""
+  return jax.tree.map(lambda p: jnp.zeros(p.shape, bool), params)
+
+
+def reverse(mask: PyTree) -> PyTree:
+  """Swaps fixed and trainable entries (FedPNU's second half of local training)."""
+  return jax.tree.map(jnp.logical_not, mask)
+
+
+def fraction_fixed(mask: PyTree) -> float:
+  """Fraction of all entries that the mask holds fixed."""
+  leaves = jax.tree.leaves(mask)
+  return float(sum(jnp.sum(m) for m in leaves) / max(1, sum(m.size for m in leaves)))
+
+
+def prune(params: PyTree, mask: PyTree) -> PyTree:
+  """Zeroes the masked entries: the paper's random-pruning-at-initialization baseline.
+
+  Trained with the same mask through `freeze`, the pruned entries stay exactly zero.
+  """
+  return jax.tree.map(lambda p, m: jnp.where(m, jnp.zeros_like(p), p), params, mask)
+
+
+@dataclasses.dataclass(frozen=True)
+class MaskSpec:
+  """The TNA-PFN mask of a run: the arguments of `fixed_mask`, and how often it is redrawn.
+
+  Frozen and hashable, so a compiled program can close over it (a federated round redraws
+  the mask inside the program with a traced seed). `redraw` only matters to federated runs.
+  """
+
+  fixed_fraction: float = 0.4
+  seed: int = 0
+  granularity: str = "weight"
+  include: str = ""
+  exclude: str = ""
+  redraw: str = "fixed"  # fixed: one mask for the whole run; per_round: a new mask each round
+
+  def __post_init__(self):
+    check_choice("mask.redraw", self.redraw, REDRAWS)
+
+  @classmethod
+  def from_config(cls, mask_config) -> "MaskSpec":
+    """The spec of a config's `mask` section (a ConfigDict or mapping; `redraw` is optional,
+    since only federated configs have it)."""
+    return cls(fixed_fraction=mask_config["fixed_fraction"], seed=mask_config["seed"],
+               granularity=mask_config["granularity"], include=mask_config["include"],
+               exclude=mask_config["exclude"], redraw=mask_config.get("redraw", "fixed"))
+
+  def draw(self, params: PyTree, seed: int | jax.Array | None = None) -> PyTree:
+    """`fixed_mask` of `params` with this spec; `seed` (default: the spec's) may be traced,
+    as when a federated round derives it from the round number."""
+    return fixed_mask(params, self.fixed_fraction, seed=self.seed if seed is None else seed,
+                      granularity=self.granularity, include=self.include, exclude=self.exclude)
+
+
+def from_config(params: PyTree, mask_config) -> PyTree:
+  """The TNA-PFN mask of `params` that a config's `mask` section describes."""
+  return MaskSpec.from_config(mask_config).draw(params)
+
+
+def frozen_except(params: PyTree, trainable: str) -> PyTree:
+  """The mask that freezes every entry whose path does not match the regex `trainable`.
+
+  `frozen_except(params, 'lora|head')` is LoRA fine-tuning: pretrained weights stay put,
+  adapters and the head train. '' means everything trains (the all-False mask). Combine
+  with a TNA-PFN mask by logical or.
+  """
+  pattern = _compile(trainable, "finetune.trainable")
+  if pattern is None:
+    return no_mask(params)
+  frozen = tree_utils.map_with_path_str(lambda path, p: jnp.full(p.shape, not pattern.search(path)), params)
+  if not any(bool(jnp.any(~m)) for m in jax.tree.leaves(frozen)):
+    raise ConfigError(f"finetune.trainable={trainable!r} matches no parameter path, so nothing would train.")
+  return frozen
+
+
+class FreezeState(NamedTuple):
+  """`freeze` keeps no state: the mask comes with every update."""
+
+
+def freeze() -> optax.GradientTransformationExtraArgs:
+  """Zeroes the update of every entry the mask holds fixed.
+
+  Put it LAST in the optimizer chain, after momentum, weight decay and the learning rate:
+  then nothing upstream can move a fixed entry, and `optax.apply_updates` adds exactly 0,
+  so fixed entries stay bit-identical to their initial values. The mask is passed to each
+  update as `fixed_mask=` (a bool pytree like the params, True = fixed); an update without
+  it fails instead of silently training everything.
+  """
+
+  def init_fn(params):
+    del params
+    return FreezeState()
+
+  def update_fn(updates, state, params=None, *, fixed_mask, **extra_args):
+    del params, extra_args
+    updates = jax.tree.map(lambda u, m: jnp.where(m, jnp.zeros_like(u), u), updates, fixed_mask)
+    return updates, state
+
+  return optax.GradientTransformationExtraArgs(init_fn, update_fn)
+
+
+# ----------------------------------------------------------------------------- fine-tuning from one base
+
+STARTING_VARIANTS = ("vanilla", "tna")
+
+
+def starting_variants(config) -> list[str]:
+  """The variants of `starting_masks` that a soup or ColD run compares, from `config.variants`."""
+  return parse_list("variants", config.variants, str, STARTING_VARIANTS)
+
+
+def starting_masks(config, params: PyTree) -> dict[str, PyTree]:
+  """Each variant's fixed mask for fine-tuning from one base (soups and ColD alike):
+  entries outside `config.finetune.trainable`, plus (tna) the shared TNA-PFN mask of
+  `config.mask`."""
+  frozen = frozen_except(params, config.finetune.trainable)
+  tna = from_config(params, config.mask)
+  return {"vanilla": frozen, "tna": jax.tree.map(jnp.logical_or, frozen, tna)}
+
+
+def keep_fixed(tree: PyTree, base: PyTree, fixed: PyTree) -> PyTree:
+  """`tree` except that the entries the mask holds fixed are the base's, bit for bit.
+
+  A fused model (a soup, a ColD base) of models trained under the mask: each of them has
+  the base's value at every fixed entry; copying it (instead of averaging K equal floats,
+  which can round) keeps the fused model exactly on the anchors, round after round.
+  """
+  return jax.tree.map(lambda value, b, m: jnp.where(m, b, value), tree, base, fixed)

@@ -1,0 +1,2 @@
+"""Fusing models fine-tuned from one base: the base itself (pretrained, grafted, loaded from
+orbax or big_vision .npz), label tasks, model soups (uniform, greedy) and ColD fusion."""

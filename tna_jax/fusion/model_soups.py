@@ -1,0 +1,144 @@
+"""Model soups: averages of models fine-tuned from one base.
+
+Wortsman et al.'s soups average the weights of models fine-tuned from the same pretrained
+base with different hyperparameters: the uniform soup averages all of them; the greedy
+soup sorts them by held-out accuracy and adds a model to the running average only if the
+held-out accuracy of the average improves. ColD fusion (`tna_jax.fusion.cold_fusion`) fuses its
+contributors with the weighted uniform soup; under a TNA-PFN mask the fixed entries are
+equal in every model and are taken from the base as they are (`masks.keep_fixed`).
+
+Models arrive stacked along a leading axis (as `train.fit` trains them), and the greedy
+soup is ONE compiled call: a scan over the sorted models, each step evaluating its
+candidate average on the held-out batches.
+
+`per_model_run` lets models with different learning rates and training lengths train in
+one compiled program: each model's multiplier and step budget live in its optimizer state.
+"""
+
+from typing import Any, NamedTuple
+
+import jax
+import jax.numpy as jnp
+import optax
+
+from tna_jax.core import evaluate, execution, sharding, stacking, train
+
+PyTree = Any
+
+
+def uniform_soup(stacked: PyTree, weights: jax.Array | None = None) -> PyTree:
+  """The mean over the leading (model) axis of every leaf; with `weights` [K], the
+  weighted mean (ColD averages the contributors only: weight 0 for the others)."""
+  if weights is None:
+    return jax.tree.map(lambda x: jnp.mean(x, axis=0), stacked)
+  weights = jnp.asarray(weights, jnp.float32)
+  return jax.tree.map(lambda x: jnp.tensordot(weights.astype(x.dtype), x, axes=1) / jnp.sum(weights).astype(x.dtype),
+                      stacked)
+
+
+def evaluate_stack(model, stacked_variables: PyTree, batches: evaluate.Batches, mean, std, *,
+                   per_model_batches: bool = False, mesh: jax.sharding.Mesh | None = None) -> dict[str, jax.Array]:
+  """Loss and accuracy [K] of each of the K stacked models, in one compiled call.
+
+  With `per_model_batches`, `batches` are stacked too and model k is evaluated on its own
+  (ColD: each contributor on its task's test split); otherwise all share them. With a
+  `mesh`, the models stay on its 'models' axis (where `sharding.named(mesh, 'models')` put them).
+  """
+  return _evaluate_stack(model, tuple(mean), tuple(std), per_model_batches, mesh, stacked_variables, batches)
+
+
+@jax.jit(static_argnums=(0, 1, 2, 3, 4))
+def _evaluate_stack(model, mean, std, per_model_batches, mesh, stacked, batches):
+  apply_fn = evaluate.inference_fn(model)
+  return stacking.map_stacked(lambda v, b: evaluate.evaluate(apply_fn, v, b, mean, std),
+                              sequential=execution.policy(mesh).sequential,
+                              in_axes=(0, 0 if per_model_batches else None),
+                              spmd_axis_name=sharding.MODELS if mesh is not None else None)(stacked, batches)
+
+
+class GreedySoup(NamedTuple):
+  """The greedy soup and how it was made (model indices are positions in the stack)."""
+
+  variables: PyTree  # the soup
+  heldout_accuracy: jax.Array  # the soup's held-out accuracy
+  ingredients: jax.Array  # bool [K]: models in the soup
+  order: jax.Array  # int [K]: models by decreasing held-out accuracy (ties: lower index first)
+  individual_accuracy: jax.Array  # [K] held-out accuracy of each model
+  candidate_accuracy: jax.Array  # [K] held-out accuracy of the candidate when order[i] was tried
+
+
+def greedy_soup(model, stacked_variables: PyTree, batches: evaluate.Batches, mean, std) -> GreedySoup:
+  """Wortsman et al.'s greedy soup on the held-out `batches`, as one compiled call.
+
+  Starts from the model with the best held-out accuracy; each next model (by decreasing
+  held-out accuracy) enters only if the candidate average is strictly more accurate on the
+  held-out split than the soup so far. So the soup is never worse on held-out data than
+  the best single model, which is where it starts.
+  """
+  return _greedy(model, tuple(mean), tuple(std), stacked_variables, batches)
+
+
+@jax.jit(static_argnums=(0, 1, 2))
+def _greedy(model, mean, std, stacked, batches) -> GreedySoup:
+  apply_fn = evaluate.inference_fn(model)
+
+  def accuracy(variables):
+    return evaluate.evaluate(apply_fn, variables, batches, mean, std)["accuracy"]
+
+  individual = stacking.map_stacked(accuracy, sequential=execution.policy().sequential)(stacked)
+  order = jnp.argsort(-individual, stable=True)
+  total = train.unstack(stacked, order[0])
+
+  def step(carry, k):
+    total, count, best = carry
+    candidate_total = jax.tree.map(jnp.add, total, train.unstack(stacked, k))
+    candidate_accuracy = accuracy(jax.tree.map(lambda t: t / (count + 1), candidate_total))
+    accept = candidate_accuracy > best
+    total = jax.tree.map(lambda c, t: jnp.where(accept, c, t), candidate_total, total)
+    return (total, count + accept, jnp.maximum(best, candidate_accuracy)), (accept, candidate_accuracy)
+
+  (total, count, best), (accepted, tried) = jax.lax.scan(
+      step, (total, jnp.ones((), jnp.float32), individual[order[0]]), order[1:])
+  ingredients = jnp.zeros(individual.shape, bool).at[order].set(jnp.concatenate([jnp.ones(1, bool), accepted]))
+  return GreedySoup(variables=jax.tree.map(lambda t: t / count, total), heldout_accuracy=best,
+                    ingredients=ingredients, order=order, individual_accuracy=individual,
+                    candidate_accuracy=jnp.concatenate([individual[order[:1]], tried]))
+
+
+class RunState(NamedTuple):
+  """One model's learning-rate multiplier and step budget (scalars, one per model)."""
+
+  count: jax.Array  # int32 updates so far
+  lr_factor: jax.Array  # float32 multiplier of the whole update
+  num_steps: jax.Array  # int32 updates this model makes; later updates are zero
+
+
+def per_model_run() -> optax.GradientTransformationExtraArgs:
+  """Scales each update by the model's `lr_factor` for its first `num_steps` updates, then by 0.
+
+  Chain it AFTER `optim.make_optimizer(...)`: the freeze there has already made the update
+  of every fixed entry exactly 0, and a multiple of 0 is 0, so the mask still holds. A
+  scaled update equals a scaled learning rate for every optimizer of `optim` (the learning
+  rate is the last factor of each), and a model past its budget is a model that stopped
+  training: models with different learning rates and epochs share one compiled program.
+  Set the values with `set_run`; the defaults (1, no limit) change nothing.
+  """
+
+  def init_fn(params):
+    del params
+    return RunState(jnp.zeros((), jnp.int32), jnp.ones((), jnp.float32), jnp.full((), jnp.iinfo(jnp.int32).max))
+
+  def update_fn(updates, state, params=None, **extra_args):
+    del params, extra_args
+    factor = jnp.where(state.count < state.num_steps, state.lr_factor, 0.0)
+    updates = jax.tree.map(lambda u: u * factor.astype(u.dtype), updates)
+    return updates, state._replace(count=optax.safe_increment(state.count))
+
+  return optax.GradientTransformationExtraArgs(init_fn, update_fn)
+
+
+def set_run(state: train.TrainState, lr_factor: float, num_steps: int) -> train.TrainState:
+  """`state` (of `optax.chain(inner, per_model_run())`) with this model's factor and budget."""
+  inner, run = state.opt_state
+  run = run._replace(lr_factor=jnp.asarray(lr_factor, jnp.float32), num_steps=jnp.asarray(num_steps, jnp.int32))
+  return state.replace(opt_state=(inner, run))

@@ -1,0 +1,110 @@
+"""What a person looks at: results JSON written atomically, tables on stdout, plots (PNG and PDF).
+
+In a multi-process run every process computes the same results, and only process 0
+(`sharding.is_writer`) writes files, so workers never race on one path. Files go through
+`tna_jax.runs.files` (epath), so a workdir may be a bucket.
+"""
+
+import io
+from typing import Any, Sequence
+
+import numpy as np
+
+from tna_jax.alignment import interpolation
+from tna_jax.core import sharding
+from tna_jax.runs import files
+
+DPI = 200  # figures are read on screens and printed
+
+
+def write_json(path: files.PathLike, obj: Any) -> None:
+  """Strict JSON through a temporary file and a rename (`files.write_json`), process 0 only:
+  readers never see half a file, and an earlier file at `path` survives a crash."""
+  if sharding.is_writer():
+    files.write_json(path, obj)
+
+
+def format_table(rows: Sequence[dict], columns: Sequence[tuple[str, str, str]]) -> str:
+  """A fixed-width text table; columns are (header, key, format spec)."""
+  cells = [[header for header, _, _ in columns]]
+  cells += [[_cell(row.get(key), spec) for _, key, spec in columns] for row in rows]
+  widths = [max(len(r[i]) for r in cells) for i in range(len(columns))]
+  lines = ["  ".join(c.rjust(w) if i else c.ljust(w) for i, (c, w) in enumerate(zip(r, widths))) for r in cells]
+  lines.insert(1, "  ".join("-" * w for w in widths))
+  return "\n".join(lines)
+
+
+def _cell(value, spec: str) -> str:
+  """One table cell: '-' for a missing value, 'nan' for a non-finite number (never a 0)."""
+  if value is None:
+    return "-"
+  if isinstance(value, (float, np.floating)) and not np.isfinite(value):
+    return str(float(value))
+  return format(value, spec)
+
+
+def plot_curves(path: files.PathLike, alphas: np.ndarray, curves: dict[str, dict[str, np.ndarray]], title: str,
+                labels: dict[str, str] | None = None) -> None:
+  """Loss and accuracy against alpha, one line per curve, each curve's barrier marked.
+
+  Each barrier (`interpolation.barriers`: the largest gap between the curve and the straight line
+  through its endpoints) is drawn as a dotted vertical segment from that line to the curve
+  at its alpha, with its size in the legend. `labels` maps curve names to what a reader
+  understands ('TNA-PFN (40 % fixed)'); unmapped names are shown as they are.
+  """
+  if not sharding.is_writer():
+    return
+  labels = labels or {}
+  fig, (ax_loss, ax_acc) = pyplot().subplots(1, 2, figsize=(10, 4))
+  for name, curve in curves.items():
+    label = labels.get(name, name)
+    loss, accuracy = np.asarray(curve["loss"]), 100 * np.asarray(curve["accuracy"])
+    found = interpolation.barriers(alphas, loss, accuracy / 100)
+    for ax, values, barrier, alpha, unit in (
+        (ax_loss, loss, found["loss_barrier"], found["loss_barrier_alpha"], ""),
+        (ax_acc, accuracy, found["accuracy_barrier_pp"], found["accuracy_barrier_alpha"], " pp")):
+      line, = ax.plot(alphas, values, marker=".", label=f"{label} (barrier {barrier:.3g}{unit})")
+      if np.isfinite(alpha):
+        on_line = (1 - alpha) * values[0] + alpha * values[-1]
+        on_curve = np.interp(alpha, alphas, values)
+        ax.vlines(alpha, min(on_line, on_curve), max(on_line, on_curve), colors=line.get_color(), linestyles=":")
+  ax_loss.set(xlabel="interpolation weight alpha", ylabel="test loss", title="loss along the segment")
+  ax_acc.set(xlabel="interpolation weight alpha", ylabel="test accuracy (%)", title="accuracy along the segment")
+  save_figure(fig, (ax_loss, ax_acc), path, title)
+
+
+def variant_label(variant: str, fixed_fraction: float, pruning_fraction: float) -> str:
+  """How a paper names a training variant: 'vanilla', 'TNA-PFN (40 % fixed)', 'pruning at init (40 %)'."""
+  return {"tna": f"TNA-PFN ({100 * fixed_fraction:.0f} % fixed)",
+          "pruning": f"pruning at init ({100 * pruning_fraction:.0f} %)"}.get(variant, variant)
+
+
+def pyplot():
+  """matplotlib.pyplot on the Agg backend (no display needed). Imported on first use: the
+  backend must be chosen before pyplot loads, and runs that plot nothing skip the import."""
+  import matplotlib  # pylint: disable=g-import-not-at-top
+  matplotlib.use("Agg")
+  import matplotlib.pyplot as plt  # pylint: disable=g-import-not-at-top
+  return plt
+
+
+def save_figure(fig, axes, path: files.PathLike, title: str) -> None:
+  """Grids, legends and a title on `axes`, then `write_png`."""
+  for ax in axes:
+    ax.grid(alpha=0.3)
+    ax.legend()
+  fig.suptitle(title)
+  write_png(fig, path)
+
+
+def write_png(fig, path: files.PathLike) -> None:
+  """The figure laid out and written as PNG (200 dpi) and, beside it, as PDF (same name,
+  .pdf) for a paper; each through a rename (a crash never leaves half an image at `path`),
+  by process 0 only. The figure is closed either way."""
+  fig.tight_layout()
+  if sharding.is_writer():
+    for fmt, target in (("png", files.path(path)), ("pdf", files.path(path).with_suffix(".pdf"))):
+      buffer = io.BytesIO()
+      fig.savefig(buffer, format=fmt, dpi=DPI)
+      files.write_bytes(target, buffer.getvalue())
+  pyplot().close(fig)
