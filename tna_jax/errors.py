@@ -25,22 +25,3 @@ def check_choice(name: str, value, allowed) -> None:
   """Raises ConfigError unless `value` is one of `allowed`."""
   if value not in allowed:
     raise ConfigError(f"{name}={value!r} is not supported; allowed: {', '.join(map(str, allowed))}.")
-
-
-def parse_list(name: str, spec: str, cast, allowed=None) -> list:
-  """A non-empty comma-separated config list, each item cast (and checked against `allowed`,
-  each allowed value at most once); ConfigError names the key and the bad value."""
-  items = [s.strip() for s in str(spec).split(",") if s.strip()]
-  if not items:
-    raise ConfigError(f"{name}={spec!r} is empty; give a comma-separated list.")
-  try:
-    values = [cast(s) for s in items]
-  except ValueError:
-    raise ConfigError(f"{name}={spec!r}: every item must be a {cast.__name__}.") from None
-  for value in values:
-    if allowed is not None:
-      check_choice(name, value, allowed)
-  if allowed is not None and len(set(values)) != len(values):
-    raise ConfigError(f"{name}={spec!r} names a value twice; allowed: each of {', '.join(map(str, allowed))} at most "
-                      "once.")
-  return values

@@ -395,6 +395,15 @@ def check_value(key: Key, value: Any) -> None:
       key.check_item(item)
 
 
+def values(config, path: str) -> list[Any]:
+  """The items of the comma-separated list key `path` of `config` (e.g. 'variants'), as its
+  declaration casts them: the one parser of list keys, for validation and runs alike."""
+  value = config
+  for part in path.split("."):
+    value = value[part]
+  return items(declared(config.experiment)[path], value)
+
+
 def items(key: Key, value: str) -> list[Any]:
   """The items of a comma-separated list key, each cast to `key.item`."""
   names = [s.strip() for s in value.split(",") if s.strip()]

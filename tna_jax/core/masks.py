@@ -22,7 +22,7 @@ import jax.numpy as jnp
 import optax
 
 from tna_jax.core import tree_utils
-from tna_jax.errors import ConfigError, check_choice, parse_list
+from tna_jax.errors import ConfigError, check_choice
 
 PyTree = Any
 GRANULARITIES = ("weight", "neuron")
@@ -192,11 +192,6 @@ def freeze() -> optax.GradientTransformationExtraArgs:
 # ----------------------------------------------------------------------------- fine-tuning from one base
 
 STARTING_VARIANTS = ("vanilla", "tna")
-
-
-def starting_variants(config) -> list[str]:
-  """The variants of `starting_masks` that a soup or ColD run compares, from `config.variants`."""
-  return parse_list("variants", config.variants, str, STARTING_VARIANTS)
 
 
 def starting_masks(config, params: PyTree) -> dict[str, PyTree]:

@@ -24,7 +24,7 @@ import numpy as np
 
 from tna_jax.config import schema
 from tna_jax.core import data, masks, models, optim, sharding, text_data, train
-from tna_jax.errors import ConfigError, parse_list
+from tna_jax.errors import ConfigError
 from tna_jax.fusion import bases, cold_fusion, tasks
 from tna_jax.runs import reporting, runtime
 
@@ -34,15 +34,13 @@ from tna_jax.runs import reporting, runtime
 
 def task_specs(config) -> tuple[list[str], list[str]]:
   """Contributors' and unseen tasks' specs from the comma-separated config strings."""
-  contributors = parse_list("cold.tasks", config.cold.tasks, str)
-  unseen = [s.strip() for s in config.cold.unseen_tasks.split(",") if s.strip()]
-  return contributors, unseen
+  return schema.values(config, "cold.tasks"), schema.values(config, "cold.unseen_tasks")
 
 
 def planned_models(config) -> int:
   """Models fine-tuned side by side (every variant x task), for `main --dry_run`."""
   contributors, unseen = task_specs(config)
-  return len(masks.starting_variants(config)) * (len(contributors) + len(unseen))
+  return len(schema.values(config, "variants")) * (len(contributors) + len(unseen))
 
 
 def validate(config) -> None:
@@ -116,7 +114,7 @@ def run(config, workdir: str) -> dict[str, Any]:
     run.start()
     with run.timed("base"):
       base = bases.load_base(config, model, source, body, run)
-    variants = masks.starting_variants(config)
+    variants = schema.values(config, "variants")
     fixed = masks.starting_masks(config, base["params"])
     heads = train.stack([cold_fusion.task_head(model, config.init_seed + t, source.image_shape, k)
                          for t, k in enumerate(stacked.num_classes)])

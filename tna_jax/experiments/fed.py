@@ -24,7 +24,6 @@ from tqdm import tqdm
 
 from tna_jax.config import schema
 from tna_jax.core import data, evaluate, execution, masks, models, optim, sharding, train
-from tna_jax.errors import ConfigError
 from tna_jax.federated import algorithms, client, partition
 from tna_jax.runs import reporting, runtime
 
@@ -41,17 +40,6 @@ TABLE_COLUMNS = (
     ("rounds", "rounds", "d"),
     ("s/round", "seconds_per_round", ".2f"),
 )
-
-
-def algorithms_of(config) -> list[algorithms.Algorithm]:
-  """The algorithms to compare, from the comma-separated `config.algorithms`."""
-  names = [n.strip() for n in config.algorithms.split(",") if n.strip()]
-  if not names:
-    raise ConfigError(f"algorithms={config.algorithms!r} names no algorithm; allowed: "
-                      f"{', '.join(algorithms.BASES)} with modifiers +{', +'.join(algorithms.MODIFIERS)}.")
-  if len(set(names)) != len(names):
-    raise ConfigError(f"algorithms={config.algorithms!r} names an algorithm twice.")
-  return [algorithms.parse(n) for n in names]
 
 
 def validate(config) -> None:
@@ -88,7 +76,7 @@ def run(config, workdir: str) -> dict[str, Any]:
     print(f"Partition {config.partition.kind}: {len(parts)} clients, sizes {split['size_min']}..{split['size_max']} "
           f"(mean {split['size_mean']:.0f}), {split['classes_per_client_mean']:.1f} classes per client on average.")
     summaries, histories = [], {}
-    for algorithm in algorithms_of(config):
+    for algorithm in map(algorithms.parse, schema.values(config, "algorithms")):
       state = algorithms.init(algorithm, variables, spec.mask, local_epochs=config.local_epochs,
                               prox_mu=config.prox_mu, server=algorithms.ServerHyper(**config.server))
       phase = run.phase(algorithm.name, total=config.num_rounds, unit="round")

@@ -29,10 +29,8 @@ import numpy as np
 from tna_jax.alignment import interpolation, matching
 from tna_jax.config import schema
 from tna_jax.core import data, evaluate, execution, masks, models, optim, sharding, train
-from tna_jax.errors import ConfigError, check_choice
 from tna_jax.runs import reporting, runtime
 
-VARIANTS = schema.LMC_VARIANTS
 
 TABLE_COLUMNS = (
     ("variant", "variant", "s"),
@@ -53,19 +51,6 @@ ALIGNED_COLUMNS = (
 )
 
 
-def variants_of(config) -> tuple[str, ...]:
-  """The variants to train, from the comma-separated `config.variants`."""
-  names = tuple(v.strip() for v in config.variants.split(",") if v.strip())
-  if not names:
-    raise ConfigError(f"variants={config.variants!r} names no variant; allowed: {', '.join(VARIANTS)}.")
-  for name in names:
-    check_choice("variants", name, VARIANTS)
-  if len(set(names)) != len(names):
-    raise ConfigError(f"variants={config.variants!r} names a variant twice; allowed: each of "
-                      f"{', '.join(VARIANTS)} at most once.")
-  return names
-
-
 def validate(config) -> None:
   """Checks every value the run depends on before any data is read or file written."""
   schema.validate(config)
@@ -73,7 +58,7 @@ def validate(config) -> None:
 
 def planned_models(config) -> int:
   """Models trained side by side (every variant's pair), for `main --dry_run`."""
-  return config.num_models * len(variants_of(config))
+  return config.num_models * len(schema.values(config, "variants"))
 
 
 def run(config, workdir: str) -> dict[str, Any]:
@@ -98,7 +83,7 @@ def run(config, workdir: str) -> dict[str, Any]:
         "tna": (variables, tna_mask),
         "pruning": ({**variables, "params": masks.prune(params, pruning_mask)}, pruning_mask),
     }
-    variants = variants_of(config)
+    variants = schema.values(config, "variants")
     k = config.num_models
     logging.info("Model %s: %d parameters; fixed fraction %.3f (tna), %.3f (pruning)", config.model.name,
                  sum(p.size for p in jax.tree.leaves(params)), masks.fraction_fixed(tna_mask),

@@ -28,11 +28,9 @@ import optax
 
 from tna_jax.config import schema
 from tna_jax.core import data, evaluate, masks, models, optim, train
-from tna_jax.errors import parse_list
 from tna_jax.fusion import bases, model_soups, tasks
 from tna_jax.runs import reporting, runtime
 
-AUGMENTATIONS = schema.SOUP_AUGMENTATIONS
 
 SUMMARY_COLUMNS = (
     ("variant", "variant", "s"),
@@ -48,7 +46,7 @@ SUMMARY_COLUMNS = (
 
 def planned_models(config) -> int:
   """Fine-tuned models trained side by side at most (all variants' models), for `main --dry_run`."""
-  return config.soup.num_models * len(masks.starting_variants(config))
+  return config.soup.num_models * len(schema.values(config, "variants"))
 
 
 def validate(config) -> None:
@@ -59,9 +57,7 @@ def validate(config) -> None:
 def draw_hyperparameters(config) -> list[dict[str, Any]]:
   """Model k's learning-rate factor, epochs and augmentation, drawn with soup.hparam_seed."""
   rng = np.random.default_rng(config.soup.hparam_seed)
-  lr_factors = parse_list("soup.lr_factors", config.soup.lr_factors, float)
-  epochs = parse_list("soup.epochs", config.soup.epochs, int)
-  augments = parse_list("soup.augment", config.soup.augment, str, AUGMENTATIONS)
+  lr_factors, epochs, augments = (schema.values(config, f"soup.{key}") for key in ("lr_factors", "epochs", "augment"))
   return [{"lr_factor": float(rng.choice(lr_factors)), "epochs": int(rng.choice(epochs)),
            "augment": str(rng.choice(augments)), "data_seed": config.data_seed + k}
           for k in range(config.soup.num_models)]
@@ -92,7 +88,7 @@ def run(config, workdir: str) -> dict[str, Any]:
     with run.timed("base"):
       base = bases.load_base(config, model, dataset, body, run)
     fixed = masks.starting_masks(config, base["params"])
-    variants = masks.starting_variants(config)
+    variants = schema.values(config, "variants")
     hparams = draw_hyperparameters(config)
     with run.timed("finetune"):
       stacked = finetune(run, config, model, base, fixed, variants, hparams, finetune_ds)
