@@ -3,6 +3,8 @@
 import pathlib
 import re
 
+from tna_jax.alignment import interpolation
+
 README = pathlib.Path(__file__).resolve().parent.parent / "README.md"
 
 
@@ -15,4 +17,4 @@ def test_readme_python_example_runs():
   namespace = {}
   exec(compile(shrunk, str(README), "exec"), namespace)  # pylint: disable=exec-used
   assert set(namespace["history"][-1]["test_accuracy"].shape) == {2}
-  assert namespace["tj"].barriers is namespace["tj"].lmc.barriers  # the public name is the library function
+  assert namespace["tj"].barriers is interpolation.barriers  # the public name is the library function

@@ -96,8 +96,7 @@ class MetricWriter:
         board._get_file_writer().add_summary(summary)  # pylint: disable=protected-access
       for key, value in (results or {}).items():
         board.add_scalar(key, float(value), 0)
-    board.flush()
-    self._mirror(phase, local)
+    self._close_board(phase)  # written once, and copied into the workdir before the run's results
 
   def _board(self, phase: str):
     """The tensorboardX writer of `phase` (created on first use) and its local directory."""
