@@ -121,11 +121,12 @@ def align_to_first(method: str, model, stacked_variables: PyTree, *, images: jax
   it did before. LoRA models are matched unmerged: their adapters move with their base
   kernels (see `permutations`), so the soup still averages kernels and adapters apart.
 
-  Frozen entries move too. The models share their base and (TNA-PFN) one mask, so before
-  alignment every model holds the base's value at every fixed entry; model k permuted by
-  P_k holds them at P_k(fixed) instead. Unless every P_k is the identity, the soup of the
-  aligned models averages, at an entry fixed in model 0, the base's value with values other
-  models trained there, and it is no longer bit-identical to the base on the mask.
+  Frozen entries move too. The models share their base and one mask (TNA-PFN's, and what
+  `finetune.trainable` freezes), so before alignment every model holds the base's value at
+  every fixed entry; model k permuted by P_k holds them at P_k(fixed) instead. Unless every
+  P_k is the identity, the soup of the aligned models averages, at an entry fixed in model
+  0, the base's value with values other models trained there, and it is no longer
+  bit-identical to the base on the mask.
   `masks.keep_fixed` must therefore NOT be applied to these soups with the original mask:
   it would overwrite averages with values only model 0 holds at those positions.
 
