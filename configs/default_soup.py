@@ -1,5 +1,6 @@
-"""Defaults of the `soup` experiment: K fine-tuned ViTs, uniform and greedy soups; the
-fine-tuning keys come from configs/default_finetune.py. Every soup config starts from these.
+"""Defaults of the `soup` experiment: K fine-tuned ViTs, uniform and greedy soups (with
+`align`, of post-hoc matched models too); the fine-tuning keys come from
+configs/default_finetune.py. Every soup config starts from these.
 
 Meanings and allowed values of every key: docs/config_keys.md (from tna_jax/config/schema.py).
 """
@@ -29,5 +30,13 @@ def get_config(arg=None):
       augment="none,flip",  # none | flip | crop | flip+crop
       crop_padding=2,
       hparam_seed=0,
+  ))
+  # Post-hoc alignment: each model permuted onto model 0 of its variant, souped again (<variant>+<align>).
+  config.align = "none"  # none | weight (Git Re-Basin weight matching) | activation (correlation matching)
+  config.matching = ml_collections.ConfigDict(dict(
+      solver="auto",  # auto | hungarian (optax, on device) | scipy (host); auto = scipy on CPU, hungarian elsewhere
+      max_iterations=100,  # weight matching: at most this many coordinate-descent sweeps
+      seed=0,  # weight matching: order in which each sweep visits the permutations
+      batches=20,  # activation matching: fine-tuning batches whose activations are correlated
   ))
   return loader.apply_preset(config, arg)

@@ -1,6 +1,11 @@
-"""Uniform and greedy soups, per-model learning rates and budgets, and the soup experiment."""
+"""Uniform and greedy soups, soups of matched models, per-model learning rates and budgets, and
+the soup experiment."""
 
 import json
+import os
+import pathlib
+import subprocess
+import sys
 
 import chex
 import jax
@@ -10,6 +15,7 @@ import numpy as np
 import optax
 import pytest
 
+from tna_jax.alignment import permutations
 from tna_jax.config import loader
 from tna_jax.core import data, evaluate, masks, models, optim, train
 from tna_jax.errors import ConfigError
@@ -18,6 +24,7 @@ from tna_jax.fusion import model_soups
 from tna_jax.runs import metric_writer
 
 MEAN, STD = (0.5,), (0.29,)
+ROOT = pathlib.Path(__file__).resolve().parents[2]
 
 
 def _dataset(n=384, seed=0):
@@ -62,6 +69,24 @@ def test_a_soup_keeps_the_fixed_entries_of_the_base_bit_exact():
   fused = masks.keep_fixed(model_soups.uniform_soup(stacked), base, fixed)
   np.testing.assert_array_equal(np.asarray(fused["w"])[::2].view(np.uint32), np.asarray(base["w"])[::2].view(np.uint32))
   np.testing.assert_allclose(fused["w"][1::2], 2.0)
+
+
+@pytest.mark.parametrize("method", ["weight", "activation"])
+def test_aligning_permuted_copies_to_the_first_makes_their_uniform_soup_the_first(method):
+  ds, model = _dataset(), _mlp()
+  first = models.init_variables(model, jax.random.key(0), ds.image_shape)
+  spec = permutations.spec_for(model, first)
+  copies = [permutations.permute_variables(spec, first, permutations.random_permutations(spec, jax.random.key(k)))
+            for k in (1, 2)]
+  stacked = train.stack([first, *copies])
+  # Unaligned, the copies' units sit elsewhere: their soup is not model 0.
+  assert not np.allclose(model_soups.uniform_soup(stacked)["params"]["fc1"]["kernel"], first["params"]["fc1"]["kernel"])
+  images = jnp.asarray(ds.train_images[:128].reshape((4, 32) + ds.image_shape))
+  aligned, results = model_soups.align_to_first(method, model, stacked, images=images, mean=MEAN, std=STD)
+  assert len(results) == 2
+  for k in range(3):
+    jax.tree.map(np.testing.assert_array_equal, train.unstack(aligned, k), first)
+  chex.assert_trees_all_close(model_soups.uniform_soup(aligned), first, rtol=1e-6)
 
 
 def _reference_greedy(model, stacked, batches):
@@ -145,26 +170,43 @@ def _tiny_soup_config(**overrides):
   return config
 
 
-def test_soup_experiment_writes_results_and_refuses_to_clobber(tmp_path, capsys):
-  config = _tiny_soup_config()
-  results = soup_experiment.run(config, str(tmp_path))
-  out = capsys.readouterr().out
-  for text in ("uniform soup", "greedy soup", "best single", "vanilla", "tna", "held-out %"):
-    assert text in out
+# The soup config of the README, shrunk by :quick (a ViT of one block), with one augmentation: one fine-tuning program.
+SOUP_FLAGS = ["--config=configs/soup_vit_fmnist.py:quick", "--config.soup.augment=none", "--config.align=weight"]
+
+
+def test_soup_experiment_with_weight_matching_end_to_end_writes_results_and_refuses_to_clobber(tmp_path):
+  result = subprocess.run([sys.executable, "-m", "tna_jax.main", f"--workdir={tmp_path}", *SOUP_FLAGS], cwd=ROOT,
+                          capture_output=True, text=True, timeout=600, env={**os.environ, "PYTHONPATH": str(ROOT)})
+  assert result.returncode == 0, result.stderr[-3000:]
+  for text in ("uniform soup", "greedy soup", "best single", "vanilla+weight", "tna+weight", "held-out %",
+               "Matching of each model onto model 0", "units moved"):
+    assert text in result.stdout
   saved = json.loads((tmp_path / "results.json").read_text())
+  k = saved["config"]["soup"]["num_models"]
+  # The four kinds of soups, side by side: vanilla, TNA-PFN, and the same models matched.
+  assert list(saved["variants"]) == ["vanilla", "tna", "vanilla+weight", "tna+weight"]
+  for variant, r in saved["variants"].items():
+    assert len(r["individual"]["test"]) == k and r["greedy"]["heldout"] >= r["best_single"]["heldout"]
+    for kind in ("uniform", "greedy"):
+      assert 0 < r[kind]["test"] <= 1 and (tmp_path / "checkpoints" / f"{variant}_{kind}").is_dir()
   for variant in ("vanilla", "tna"):
-    r = saved["variants"][variant]
-    assert len(r["individual"]["test"]) == 2 and r["greedy"]["heldout"] >= r["best_single"]["heldout"]
-    assert r["best_single"] == results["variants"][variant]["best_single"]
+    matched = saved["variants"][f"{variant}+weight"]
+    # Matching permutes units and so keeps what every model computes (to one held-out example, for float ties).
+    np.testing.assert_allclose(matched["individual"]["heldout"], saved["variants"][variant]["individual"]["heldout"],
+                               atol=1.5 / saved["config"]["split"]["num_heldout"])
+    assert len(matched["alignment"]) == k - 1
+    assert all(a["iterations"] >= 1 and a["units_moved"] >= 0 for a in matched["alignment"])
+    assert (tmp_path / "checkpoints" / f"{variant}+weight_perms").is_dir()
   assert (tmp_path / "soup.png").stat().st_size > 10_000
   records = metric_writer.read_jsonl(str(tmp_path / "metrics.jsonl"))
   finetuned = [r for r in records if r["phase"].startswith("finetune_")]
   assert finetuned and all("heldout_accuracy" in r and len(r["models"]) == len(r["heldout_accuracy"]) for r in finetuned)
-  assert [r["step"] for r in records if r["phase"] == "pretrain"] == list(range(1, config.pretrain.num_epochs + 1))
+  pretrain_epochs = saved["config"]["pretrain"]["num_epochs"]
+  assert [r["step"] for r in records if r["phase"] == "pretrain"] == list(range(1, pretrain_epochs + 1))
   assert any((tmp_path / "tensorboard").iterdir()), "TensorBoard event file missing"
-  assert (tmp_path / "checkpoints" / "tna_greedy").is_dir() and (tmp_path / "checkpoints" / "pretrained").is_dir()
+  assert (tmp_path / "checkpoints" / "pretrained").is_dir()
   with pytest.raises(ConfigError, match=r"already holds a finished run \(results.json\)"):
-    soup_experiment.run(config, str(tmp_path))
+    soup_experiment.run(_tiny_soup_config(), str(tmp_path))  # refused whatever the config
 
 
 @pytest.mark.parametrize("key,value,match", [
@@ -173,6 +215,7 @@ def test_soup_experiment_writes_results_and_refuses_to_clobber(tmp_path, capsys)
     ("soup.augment", "none,rotate", "augment='rotate'"),
     ("base.source", "orbax", "needs base.path"),
     ("soup.lr_factors", "1,x", "lr_factors='1,x'"),
+    ("align", "rebasin", "align='rebasin'.*none, weight, activation"),
 ])
 def test_bad_soup_configs_are_named(key, value, match):
   config = _tiny_soup_config()

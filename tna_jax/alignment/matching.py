@@ -345,6 +345,13 @@ def _activation_matching(model, spec, names, solver, mean, std, variables_a, var
   return tuple(perms), matched / max(units, 1), initial / max(units, 1)
 
 
+def training_batches(dataset: data.Dataset, count: int, batch_size: int) -> jax.Array:
+  """The first `count` whole training batches (fewer if the split is short), uint8 [S, B, ...]:
+  the `images` of activation matching (and of BatchNorm re-estimation and REPAIR)."""
+  count = max(1, min(len(dataset.train_images), count * batch_size) // batch_size)
+  return jnp.asarray(dataset.train_images[:count * batch_size].reshape((count, batch_size) + dataset.image_shape))
+
+
 def align(method: str, model, variables_a: dict, variables_b: dict, *, images: jax.Array | None = None,
           mean=None, std=None, seed: int = 0, max_iterations: int = 100, solver: str = "auto",
           policy: execution.ExecutionPolicy | None = None) -> tuple[dict, MatchResult]:

@@ -29,6 +29,7 @@ ALL = tuple(experiments.EXPERIMENTS)
 LMC, FED = ("lmc",), ("fed",)
 FINETUNE = ("soup", "cold")  # models fine-tuned from one base
 TRAINED_FROM_SCRATCH = ("lmc", "fed")
+ALIGNED = ("lmc", "soup")  # post-hoc matching of trained models (`align`, `matching.*`)
 
 LMC_VARIANTS = ("vanilla", "tna", "pruning")
 FINETUNE_VARIANTS = masks.STARTING_VARIANTS
@@ -222,17 +223,19 @@ KEYS: tuple[Key, ...] = (
         condition="BatchNorm models or repair = True"),
     Key("align", str, "post-hoc alignment of model 1 onto model 0 before measuring curves again", experiments=LMC,
         choices=ALIGN_CHOICES),
+    Key("align", str, "post-hoc alignment: every fine-tuned model permuted onto model 0 of its variant, then souped "
+        "again (variants <variant>+<align>)", experiments=("soup",), choices=ALIGN_CHOICES),
     Key("repair", bool, "also measure every curve with REPAIR (channel statistics rescaled at each alpha)",
         experiments=LMC),
     Key("matching.solver", str, "linear-assignment solver; auto = scipy on CPU, optax's Hungarian elsewhere",
-        experiments=LMC, choices=matching.SOLVERS, applies=lambda config: config.align != "none",
+        experiments=ALIGNED, choices=matching.SOLVERS, applies=lambda config: config.align != "none",
         condition="align != none"),
     Key("matching.max_iterations", int, "weight matching: at most this many coordinate-descent sweeps",
-        experiments=LMC, low=1, applies=_is("align", "weight"), condition="align = weight"),
-    Key("matching.seed", int, "weight matching: order in which each sweep visits the permutations", experiments=LMC,
+        experiments=ALIGNED, low=1, applies=_is("align", "weight"), condition="align = weight"),
+    Key("matching.seed", int, "weight matching: order in which each sweep visits the permutations", experiments=ALIGNED,
         applies=_is("align", "weight"), condition="align = weight"),
     Key("matching.batches", int, "activation matching: training batches whose activations are correlated",
-        experiments=LMC, low=1, applies=_is("align", "activation"), condition="align = activation"),
+        experiments=ALIGNED, low=1, applies=_is("align", "activation"), condition="align = activation"),
     # soup and cold: fine-tuning from one base
     Key("base.source", str, "where the base model comes from", experiments=FINETUNE, choices=bases.BASE_SOURCES),
     Key("base.path", str, "checkpoint directory (orbax) or .npz file (big_vision_npz)", experiments=FINETUNE,
@@ -480,8 +483,8 @@ def tasks_fill_a_batch(config) -> None:
 
 
 def model_can_be_aligned(config) -> None:
-  """Alignment and REPAIR need the model's permutation spec."""
-  if config.align != "none" or config.repair:
+  """Alignment and REPAIR (lmc only) need the model's permutation spec."""
+  if config.align != "none" or config.get("repair", False):
     permutations.describe(models.get_model(config.model, num_classes=10))
 
 
@@ -491,7 +494,7 @@ RULES: tuple[tuple[tuple[str, ...], Callable[[Any], None]], ...] = (
     (("cold",), dataset_fits_model),
     (("cold",), tasks_fit_dataset),
     (("cold",), tasks_fill_a_batch),
-    (LMC, model_can_be_aligned),
+    (ALIGNED, model_can_be_aligned),
 )
 
 

@@ -148,12 +148,6 @@ def check_finite_curves(*curve_sets: dict) -> None:
                                     " its barriers are undefined, so no results were written.")
 
 
-def training_batches(dataset: data.Dataset, count: int, batch_size: int) -> jax.Array:
-  """The first `count` whole training batches (fewer if the split is short), uint8 [S, B, ...]."""
-  count = max(1, min(len(dataset.train_images), count * batch_size) // batch_size)
-  return jnp.asarray(dataset.train_images[:count * batch_size].reshape((count, batch_size) + dataset.image_shape))
-
-
 def pair(config, states: train.TrainState, v: int) -> tuple[dict, dict]:
   """Models 0 and 1 of the v-th variant."""
   first = v * config.num_models
@@ -167,7 +161,7 @@ def align_pairs(config, model, states: train.TrainState, variants, dataset: data
     return {}
   images = None
   if config.align == "activation":
-    images = training_batches(dataset, config.matching.batches, config.batch_size)
+    images = matching.training_batches(dataset, config.matching.batches, config.batch_size)
   aligned = {}
   for v, variant in enumerate(variants):
     aligned[variant] = matching.align(config.align, model, *pair(config, states, v), images=images,
@@ -203,7 +197,7 @@ def measure_curves(config, model, states: train.TrainState, variants, dataset: d
   repairs = (False, True) if config.repair else (False,)
   reset_images = None
   if "reset" in bn_modes or config.repair:
-    reset_images = training_batches(dataset, config.lmc.reset_batches, config.batch_size)
+    reset_images = matching.training_batches(dataset, config.lmc.reset_batches, config.batch_size)
   curves, aligned_curves, rows = {"alphas": np.asarray(alphas)}, {}, []
   for v, variant in enumerate(variants):
     variables_a, variables_b = pair(config, states, v)

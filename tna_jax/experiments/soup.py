@@ -8,15 +8,24 @@ use the same K draws, so they are compared model for model. All models with the 
 augmentation train in ONE compiled program (`train.fit`): learning rate and epochs differ
 inside it through `model_soups.per_model_run`.
 
+With `align = weight | activation`, every model of each variant is also permuted onto that
+variant's model 0 (post-hoc matching, `model_soups.align_to_first`) and souped again: the
+variants `vanilla+weight`, `tna+weight` (or `+activation`) are the same fine-tuned models,
+matched, so one table sets the soups of vanilla, TNA-PFN, matched-vanilla and matched-TNA-PFN
+models side by side with no extra training. Activation matching correlates the models on
+the first `matching.batches` fine-tuning batches.
+
 The training data are training examples [split.start, + split.num_train); the next
 split.num_heldout examples are the held-out split that ranks the models, decides the
 greedy soup and is what `train.fit` reports per epoch; the test split is only reported.
 
 Writes to the workdir: results.json, soup.png (held-out vs test accuracy of every model
 and soup), metrics.jsonl and orbax checkpoints (base, mask, <variant>_uniform,
-<variant>_greedy; checkpoints/pretrained when the base was pretrained here). Pretraining
-and each fine-tuning group are resumable phases (`tna_jax.runs.runtime`): a killed run resumes
-where it stopped when the same command runs again.
+<variant>_greedy; checkpoints/pretrained when the base was pretrained here; when aligned,
+<variant>+<align>_uniform, _greedy and _perms, the permutation of each model k >= 1).
+Pretraining and each fine-tuning group are resumable phases (`tna_jax.runs.runtime`): a
+killed run resumes where it stopped when the same command runs again; matching and soups
+are deterministic functions of the models.
 """
 
 import dataclasses
@@ -26,6 +35,7 @@ import jax
 import numpy as np
 import optax
 
+from tna_jax.alignment import matching
 from tna_jax.config import schema
 from tna_jax.core import data, evaluate, masks, models, optim, train
 from tna_jax.fusion import bases, model_soups, tasks
@@ -38,6 +48,13 @@ SUMMARY_COLUMNS = (
     ("held-out %", "heldout", ".2f"),
     ("test %", "test", ".2f"),
     ("models", "models", "s"),
+)
+ALIGNMENT_COLUMNS = (
+    ("variant", "variant", "s"),
+    ("model", "k", "d"),
+    ("sweeps", "iterations", "d"),
+    ("seconds", "seconds", ".2f"),
+    ("units moved", "units_moved", "d"),
 )
 
 
@@ -92,21 +109,31 @@ def run(config, workdir: str) -> dict[str, Any]:
     hparams = draw_hyperparameters(config)
     with run.timed("finetune"):
       stacked = finetune(run, config, model, base, fixed, variants, hparams, finetune_ds)
+    aligned = {}
+    if config.align != "none":
+      with run.timed("align"):
+        aligned = align_variants(config, model, stacked, finetune_ds)
     with run.timed("soups"):
       batches = {"heldout": evaluate.make_batches(heldout.train_images, heldout.train_labels, config.eval_batch_size),
                  "test": evaluate.make_batches(dataset.test_images, dataset.test_labels, config.eval_batch_size)}
+      souped = {**{v: stacked[v].variables for v in variants}, **{v: a[0] for v, a in aligned.items()}}
       results = {"config": config.to_dict(), "hyperparameters": hparams,
-                 "variants": {v: make_soups(model, stacked[v], batches, dataset) for v in variants}}
+                 "variants": {v: make_soups(model, models_of_v, batches, dataset) for v, models_of_v in souped.items()}}
+    for variant, (_, matches) in aligned.items():
+      results["variants"][variant]["alignment"] = [alignment_summary(result) for result in matches]
     results["seconds"] = dict(run.seconds)
 
     rows = summary_rows(results["variants"])
-    write_outputs(run, config, results, base, fixed, stacked)
+    write_outputs(run, config, results, base, fixed, stacked, aligned)
     seconds = run.seconds
+    matched = f", {config.align} matching {seconds['align']:.1f}s" if aligned else ""
+    matching_table = ("\n\nMatching of each model onto model 0 of its variant (compilation excluded):\n" +
+                      reporting.format_table(alignment_rows(results["variants"]), ALIGNMENT_COLUMNS)) if aligned else ""
     run.finish(results, f"\nPer model (held-out / test accuracy %, {config.model.name} on {config.dataset}):\n" +
                reporting.format_table(model_rows(results), model_columns(variants)) +
                f"\n\nModel soups of {config.soup.num_models} fine-tuned models (base {seconds['base']:.0f}s, "
-               f"fine-tuning {seconds['finetune']:.0f}s, soups {seconds['soups']:.1f}s):\n" +
-               reporting.format_table(rows, SUMMARY_COLUMNS))
+               f"fine-tuning {seconds['finetune']:.0f}s{matched}, soups {seconds['soups']:.1f}s):\n" +
+               reporting.format_table(rows, SUMMARY_COLUMNS) + matching_table)
   return results
 
 
@@ -142,12 +169,39 @@ def finetune(run: runtime.Run, config, model, base: dict, fixed: dict, variants:
   return {v: train.stack([trained[(v, k)] for k in range(len(hparams))]) for v in variants}
 
 
-def make_soups(model, states: train.TrainState, batches: dict, dataset: data.Dataset) -> dict[str, Any]:
-  """Held-out and test accuracy of every model, the uniform and greedy soups, the best model.
+def align_variants(config, model, stacked: dict[str, train.TrainState],
+                   dataset: data.Dataset) -> dict[str, tuple[dict, list[matching.MatchResult]]]:
+  """Each variant's models permuted onto its model 0 by `config.align`, as the variant
+  '<variant>+<align>': (the aligned stack, the matching of models 1..K-1).
+
+  Soups of these are plain means: `masks.keep_fixed` is not applied (as for the unaligned
+  soups), and it must not be, since alignment moves each model's fixed entries
+  (`model_soups.align_to_first`).
+  """
+  images = None
+  if config.align == "activation":
+    images = matching.training_batches(dataset, config.matching.batches, config.batch_size)
+  aligned = {}
+  for variant, states in stacked.items():
+    aligned[f"{variant}+{config.align}"] = model_soups.align_to_first(
+        config.align, model, states.variables, images=images, mean=dataset.mean, std=dataset.std,
+        seed=config.matching.seed, max_iterations=config.matching.max_iterations, solver=config.matching.solver)
+  return aligned
+
+
+def alignment_summary(result: matching.MatchResult) -> dict[str, float]:
+  """One model's matching onto model 0, JSON-ready: the search's cost and objective, and
+  how many units it moved (0: the model was already aligned)."""
+  moved = sum(int(np.sum(np.asarray(perm) != np.arange(len(perm)))) for perm in result.perms.values())
+  return {**result.summary(), "units_moved": moved}
+
+
+def make_soups(model, stacked: dict, batches: dict, dataset: data.Dataset) -> dict[str, Any]:
+  """Held-out and test accuracy of every model of the stacked variables, the uniform and
+  greedy soups, the best model.
 
   The K models and the two soups are evaluated together: one compiled call per split.
   """
-  stacked = states.variables
   k = jax.tree.leaves(stacked)[0].shape[0]
   uniform = model_soups.uniform_soup(stacked)
   greedy = model_soups.greedy_soup(model, stacked, batches["heldout"], dataset.mean, dataset.std)
@@ -187,6 +241,11 @@ def summary_rows(per_variant: dict) -> list[dict]:
   return rows
 
 
+def alignment_rows(per_variant: dict) -> list[dict]:
+  return [{"variant": variant, "k": k, **summary} for variant, r in per_variant.items()
+          for k, summary in enumerate(r.get("alignment", ()), start=1)]
+
+
 def model_columns(variants: list[str]) -> tuple:
   return (("model", "k", "d"), ("lr factor", "lr_factor", "g"), ("epochs", "epochs", "d"), ("augment", "augment", "s"),
           *((f"{v} held-out", f"{v}_heldout", ".2f") for v in variants),
@@ -204,16 +263,21 @@ def model_rows(results: dict) -> list[dict]:
   return rows
 
 
-def write_outputs(run: runtime.Run, config, results: dict, base: dict, fixed: dict, stacked: dict) -> None:
-  """Checkpoints (base, masks, every model, the soups) and soup.png; results.json comes
-  last, from `Run.finish`."""
+def write_outputs(run: runtime.Run, config, results: dict, base: dict, fixed: dict, stacked: dict,
+                  aligned: dict[str, tuple[dict, list[matching.MatchResult]]]) -> None:
+  """Checkpoints (base, masks, every model, the soups; when aligned, each matched model's
+  permutations instead of the matched models) and soup.png; results.json comes last, from
+  `Run.finish`."""
   run.save("base", base)
-  for variant, r in results["variants"].items():
+  for variant in stacked:
     run.save(f"{variant}_mask", fixed[variant])
     for k in range(config.soup.num_models):
       run.save(f"{variant}_{k}", train.unstack(stacked[variant].variables, k))
+  for variant, r in results["variants"].items():
     for name, variables in r.pop("soups").items():
       run.save(f"{variant}_{name}", variables)
+  for variant, (_, matches) in aligned.items():
+    run.save(f"{variant}_perms", {str(k): result.perms for k, result in enumerate(matches, start=1)})
   plot_soups(run.path("soup.png"), results["variants"],
              f"Model soups: {config.soup.num_models} x {config.model.name} on {config.dataset}")
 

@@ -13,6 +13,10 @@ candidate average on the held-out batches.
 
 `per_model_run` lets models with different learning rates and training lengths train in
 one compiled program: each model's multiplier and step budget live in its optimizer state.
+
+`align_to_first` permutes every model of a stack onto the first (post-hoc matching,
+`tna_jax.alignment.matching`), so the soups of matched models can be set beside the soups of
+TNA-PFN models, which are aligned by training instead.
 """
 
 from typing import Any, NamedTuple
@@ -21,6 +25,7 @@ import jax
 import jax.numpy as jnp
 import optax
 
+from tna_jax.alignment import matching
 from tna_jax.core import evaluate, execution, sharding, stacking, train
 
 PyTree = Any
@@ -103,6 +108,40 @@ def _greedy(model, mean, std, stacked, batches) -> GreedySoup:
   return GreedySoup(variables=jax.tree.map(lambda t: t / count, total), heldout_accuracy=best,
                     ingredients=ingredients, order=order, individual_accuracy=individual,
                     candidate_accuracy=jnp.concatenate([individual[order[:1]], tried]))
+
+
+def align_to_first(method: str, model, stacked_variables: PyTree, *, images: jax.Array | None = None, mean=None,
+                   std=None, seed: int = 0, max_iterations: int = 100, solver: str = "auto",
+                   policy: execution.ExecutionPolicy | None = None) -> tuple[PyTree, list[matching.MatchResult]]:
+  """The K stacked models with each of models 1..K-1 permuted onto model 0, by `method`.
+
+  One `matching.align` per model (weight or activation matching; the arguments after
+  `stacked_variables` are its own), all against model 0, so the whole stack ends up in
+  model 0's coordinates and can be averaged unit by unit. Every aligned model computes what
+  it did before. LoRA models are matched unmerged: their adapters move with their base
+  kernels (see `permutations`), so the soup still averages kernels and adapters apart.
+
+  Frozen entries move too. The models share their base and one mask (TNA-PFN's, and what
+  `finetune.trainable` freezes), so before alignment every model holds the base's value at
+  every fixed entry; model k permuted by P_k holds them at P_k(fixed) instead. Unless every
+  P_k is the identity, the soup of the aligned models averages, at an entry fixed in model
+  0, the base's value with values other models trained there, and it is no longer
+  bit-identical to the base on the mask.
+  `masks.keep_fixed` must therefore NOT be applied to these soups with the original mask:
+  it would overwrite averages with values only model 0 holds at those positions.
+
+  Returns:
+    (the aligned stack, model 0 unchanged; the K-1 MatchResults of models 1..K-1).
+  """
+  first = train.unstack(stacked_variables, 0)
+  aligned, results = [first], []
+  for k in range(1, jax.tree.leaves(stacked_variables)[0].shape[0]):
+    variables, result = matching.align(method, model, first, train.unstack(stacked_variables, k), images=images,
+                                       mean=mean, std=std, seed=seed, max_iterations=max_iterations, solver=solver,
+                                       policy=policy)
+    aligned.append(variables)
+    results.append(result)
+  return train.stack(aligned), results
 
 
 class RunState(NamedTuple):
