@@ -33,7 +33,7 @@ def get_config(arg=None):
 
   config.init_seed = 0  # one initialization shared by every model
   config.data_seed = 1  # model i of a variant sees data order data_seed + i
-  config.num_models = 2  # models per variant; the LMC pair is models 0 and 1
+  config.num_models = 2  # models per variant; the LMC pair is models 0 and 1 (all K: barrier matrix, fusion)
   config.variants = "vanilla,tna,pruning"
   config.mask = ml_collections.ConfigDict(dict(
       fixed_fraction=0.4,  # fraction of entries held at their initial values (the paper's mask ratio)

@@ -35,6 +35,7 @@ def test_lmc_run_prints_the_table_and_writes_results(tiny_run):
   workdir, result = tiny_run
   for header in ("variant", "loss barrier", "acc barrier pp", "acc barrier rel", "vanilla", "tna", "pruning"):
     assert header in result.stdout
+  assert "fused acc %" not in result.stdout  # the K-model table only for K > 2
   results = json.loads((workdir / "results.json").read_text())
   assert results["models"] == ["vanilla_0", "vanilla_1", "tna_0", "tna_1", "pruning_0", "pruning_1"]
   assert len(results["alphas"]) == 5 and set(results["curves"]) == {"vanilla", "tna", "pruning"}
@@ -43,6 +44,11 @@ def test_lmc_run_prints_the_table_and_writes_results(tiny_run):
     # The curve's endpoints are the trained models, evaluated the same way as after training.
     curve = results["curves"][row["variant"]]
     assert curve["accuracy"][0] == pytest.approx(results["final"][f"{row['variant']}_0"]["test_accuracy"], abs=1e-6)
+    # With K = 2 the barrier matrix holds the pair's barrier and the fusion is the curve's midpoint (alpha 0.5).
+    section = results["k_models"][row["variant"]]
+    assert section["loss_barrier"] == [[0.0, row["loss_barrier"]], [row["loss_barrier"], 0.0]]
+    assert section["fused_accuracy"] == pytest.approx(100 * curve["accuracy"][2], abs=1e-4)
+    assert section["fused_loss"] == pytest.approx(curve["loss"][2], rel=1e-5)
   assert (workdir / "lmc_curves.png").stat().st_size > 10_000 and (workdir / "lmc_curves.pdf").read_bytes()[:5] == b"%PDF-"
   lines = (workdir / "metrics.jsonl").read_text().splitlines()
   assert len(lines) == 1 and len(json.loads(lines[0])["test_accuracy"]) == 6

@@ -48,6 +48,7 @@ _EXPORTS: dict[str, tuple[str, str]] = {
     "interpolate": ("tna_jax.alignment.interpolation", "interpolate"),
     "lmc_curve": ("tna_jax.alignment.interpolation", "lmc_curve"),
     "barriers": ("tna_jax.alignment.interpolation", "barriers"),
+    "pairwise_barriers": ("tna_jax.alignment.interpolation", "pairwise_barriers"),
     # post-hoc alignment
     "align": ("tna_jax.alignment.matching", "align"),
     "weight_matching": ("tna_jax.alignment.matching", "weight_matching"),

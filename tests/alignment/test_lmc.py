@@ -1,10 +1,13 @@
-"""LMC curves: endpoints, identical models, vmapped curve vs a per-alpha loop, BN reset."""
+"""LMC curves: endpoints, identical models, vmapped curve vs a per-alpha loop, BN reset;
+K models: barrier matrices and the K-way average."""
 
+import itertools
 import json
 import os
 import subprocess
 import sys
 
+import chex
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
@@ -13,7 +16,8 @@ import numpy as np
 import pytest
 
 from tna_jax.alignment import interpolation, repair
-from tna_jax.core import data, evaluate, models
+from tna_jax.core import data, evaluate, models, train
+from tna_jax.fusion import model_soups
 from test_permutations import random_variables
 
 MEAN, STD = (0.5,), (0.25,)
@@ -152,6 +156,68 @@ def test_repair_curve_keeps_endpoints_and_repairs_the_midpoint():
     interpolation.lmc_curve(model, va, vb, alphas, batches, MEAN, STD, repair=True)
 
 
+def _all_pair_curves(model, variables, batches, alphas):
+  """{(i, j): curve from model i to model j} for every i < j, as the lmc experiment measures them."""
+  return {(i, j): jax.device_get(interpolation.lmc_curve(model, variables[i], variables[j], alphas, batches, MEAN, STD))
+          for i, j in itertools.combinations(range(len(variables)), 2)}
+
+
+def test_the_average_of_k_identical_models_is_that_model_and_their_barriers_are_zero():
+  model, va, _, batches, _ = _setup(use_bn=True)
+  fused = model_soups.uniform_soup(train.stack([va] * 3))
+  chex.assert_trees_all_close(fused, va, rtol=1e-6)
+  alphas = jnp.linspace(0, 1, 5)
+  result = interpolation.pairwise_barriers(alphas, _all_pair_curves(model, [va] * 3, batches, alphas), 3)
+  np.testing.assert_allclose(result["loss_barrier"], np.zeros((3, 3)), atol=1e-5)
+  np.testing.assert_allclose(result["accuracy_barrier_pp"], np.zeros((3, 3)), atol=1e-4)
+  assert result["loss_barrier_max"] == pytest.approx(0.0, abs=1e-5)
+  single = _eval(model, va, batches)
+  assert result["endpoint_accuracy"] == pytest.approx([float(single["accuracy"])] * 3, abs=1e-6)
+  scores = jax.device_get(interpolation.evaluate_point(model, fused, batches, MEAN, STD))
+  assert float(scores["loss"]) == pytest.approx(float(single["loss"]), rel=1e-5)
+
+
+def test_barrier_matrix_of_three_models_holds_each_pairs_barrier_once_per_direction():
+  model, va, vb, batches, _ = _setup()
+  vc = model.init(jax.random.key(3), jnp.zeros((1, 4, 4, 1)), train=False)
+  variables = [va, vb, vc]
+  alphas = jnp.linspace(0, 1, 7)
+  curves = _all_pair_curves(model, variables, batches, alphas)
+  result = interpolation.pairwise_barriers(alphas, curves, 3)
+  for key in interpolation.MATRIX_BARRIERS:
+    matrix = np.asarray(result[key])
+    assert matrix.shape == (3, 3) and (matrix == matrix.T).all() and (np.diag(matrix) == 0).all()
+    by_hand = {pair: interpolation.barriers(alphas, c["loss"], c["accuracy"])[key] for pair, c in curves.items()}
+    assert [matrix[pair] for pair in by_hand] == list(by_hand.values())
+    assert result[f"{key}_mean"] == pytest.approx(np.mean(list(by_hand.values())))
+    assert result[f"{key}_max"] == max(by_hand.values())
+  # One direction per pair suffices: the curve from model 2 back to model 0 has the same loss barrier.
+  back = jax.device_get(interpolation.lmc_curve(model, vc, va, alphas, batches, MEAN, STD))
+  assert interpolation.barriers(alphas, back["loss"], back["accuracy"])["loss_barrier"] == pytest.approx(
+      result["loss_barrier"][2][0], rel=1e-4, abs=1e-6)
+  for i, v in enumerate(variables):
+    assert result["endpoint_accuracy"][i] == pytest.approx(float(_eval(model, v, batches)["accuracy"]), abs=1e-6)
+  with pytest.raises(ValueError, match="exactly one curve per pair"):
+    interpolation.pairwise_barriers(alphas, {(0, 1): curves[(0, 1)]}, 3)
+
+
+def test_the_average_of_two_models_scores_as_their_curves_midpoint_in_each_bn_mode():
+  model, va, vb, batches, images = _setup(use_bn=True)
+  reset_images = jnp.asarray(images[:256].reshape(4, 64, 4, 4, 1))
+  fused = model_soups.uniform_soup(train.stack([va, vb]))
+  points = {}
+  for bn_mode in interpolation.BN_MODES:
+    curve = jax.device_get(interpolation.lmc_curve(model, va, vb, jnp.linspace(0, 1, 3), batches, MEAN, STD,
+                                                   bn_mode=bn_mode, reset_images=reset_images))
+    points[bn_mode] = jax.device_get(interpolation.evaluate_point(model, fused, batches, MEAN, STD, bn_mode=bn_mode,
+                                                                  reset_images=reset_images))
+    assert float(points[bn_mode]["loss"]) == pytest.approx(float(curve["loss"][1]), rel=1e-5)
+    assert float(points[bn_mode]["accuracy"]) == pytest.approx(float(curve["accuracy"][1]), abs=1e-6)
+  assert not float(points["raw"]["loss"]) == pytest.approx(float(points["reset"]["loss"]), rel=1e-3)
+  with pytest.raises(ValueError, match="needs reset_images"):
+    interpolation.evaluate_point(model, fused, batches, MEAN, STD, bn_mode="reset")
+
+
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 SMALL = ["--config.num_train=512", "--config.num_test=500", "--config.model.width=32", "--config.variants=vanilla,tna",
          "--config.lmc.num_alphas=3"]
@@ -162,12 +228,26 @@ def _main(workdir, *flags):
   return subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=600)
 
 
-def test_lmc_experiment_with_weight_alignment_and_repair(tmp_path):
-  result = _main(tmp_path, *SMALL, "--config.align=weight", "--config.repair=True")
+def test_lmc_experiment_with_three_models_weight_alignment_and_repair(tmp_path):
+  result = _main(tmp_path, *SMALL, "--config.num_models=3", "--config.align=weight", "--config.repair=True")
   assert result.returncode == 0, result.stderr[-3000:]
-  for header in ("aligned loss barrier", "aligned acc barrier pp", "match iters", "match s", "raw+REPAIR"):
+  for header in ("aligned loss barrier", "aligned acc barrier pp", "match iters", "match s", "raw+REPAIR",
+                 "All 3 pairs of the 3 models", "max loss barrier", "fused acc %"):
     assert header in result.stdout
   results = json.loads((tmp_path / "results.json").read_text())
+  # K models: every pair's barriers (the pair 0-1 from its unaligned, unrepaired curve) and the 3-way average.
+  assert set(results["k_models"]) == {"vanilla", "tna"}
+  for variant, section in results["k_models"].items():
+    row = next(row for row in results["summary"] if row["variant"] == variant and not row["repair"])
+    matrix = np.asarray(section["loss_barrier"])
+    assert section["num_models"] == 3 and matrix.shape == (3, 3) and (matrix == matrix.T).all()
+    assert matrix[0, 1] == row["loss_barrier"] and section["accuracy_barrier_pp"][0][1] == row["accuracy_barrier_pp"]
+    assert section["loss_barrier_max"] == matrix.max() and section["loss_barrier_mean"] == pytest.approx(
+        matrix[np.triu_indices(3, 1)].mean())
+    finals = [results["final"][f"{variant}_{i}"]["test_accuracy"] for i in range(3)]
+    assert section["mean_endpoint_accuracy"] == pytest.approx(100 * np.mean(finals), abs=1e-4)
+    assert 0 < section["fused_accuracy"] <= 100 and section["fused_loss"] > 0
+    assert section["fusion_gain_pp"] == pytest.approx(section["fused_accuracy"] - section["mean_endpoint_accuracy"])
   assert set(results["aligned_curves"]) == {"vanilla", "vanilla +REPAIR", "tna", "tna +REPAIR"}
   assert [row["curve"] for row in results["summary"]] == ["raw", "raw+REPAIR"] * 2
   for variant, alignment in results["alignment"].items():

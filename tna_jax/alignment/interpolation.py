@@ -6,9 +6,14 @@ accelerators, in chunks when memory is tight; one after another on CPU, see
 the device once per alpha and batch. Options of the curve, applied at every
 alpha inside that call: BatchNorm statistics re-estimated on training batches
 (`bn_mode='reset'`) and REPAIR (`repair=True`, see `tna_jax.alignment.repair`).
+
+For K models, `pairwise_barriers` turns the curves of all K (K - 1) / 2 pairs into barrier
+matrices, and `evaluate_point` scores one model (such as their weight average) the way a
+curve scores each of its points.
 """
 
 from collections.abc import Callable, Mapping
+import itertools
 from typing import Any
 
 import jax
@@ -103,9 +108,7 @@ def _curve(model, bn_mode, repair, alpha_chunk, variables_a, variables_b, alphas
   apply_fn = evaluate.inference_fn(model)
 
   def reset(variables):
-    if bn_mode == "reset" and variables.get("batch_stats"):
-      return {**variables, "batch_stats": reestimate_batch_stats(model, variables, reset_images, mean, std)}
-    return variables
+    return _with_bn_mode(model, bn_mode, variables, reset_images, mean, std)
 
   if repair:
     images = data.normalize(reset_images.reshape((-1,) + reset_images.shape[2:]), mean, std)
@@ -130,6 +133,39 @@ def _scored_curve(score_fn, with_data, alpha_chunk, variables_a, variables_b, al
     return {"loss": jnp.asarray(loss), "accuracy": jnp.asarray(accuracy)}
 
   return _over_alphas(at_alpha, alphas, alpha_chunk)
+
+
+def _with_bn_mode(model, bn_mode: str, variables: dict, reset_images, mean, std) -> dict:
+  """`variables` with BatchNorm statistics as `bn_mode` has them: as they are ('raw') or
+  re-estimated on `reset_images` ('reset'; a model without BatchNorm is returned as it is)."""
+  if bn_mode == "reset" and variables.get("batch_stats"):
+    return {**variables, "batch_stats": reestimate_batch_stats(model, variables, reset_images, mean, std)}
+  return variables
+
+
+def evaluate_point(model, variables: dict, batches: evaluate.Batches, mean, std, *, bn_mode: str = "raw",
+                   reset_images: jax.Array | None = None) -> dict[str, jax.Array]:
+  """Test loss and accuracy of one model, scored as `lmc_curve` scores each point of a curve.
+
+  With bn_mode='reset' its BatchNorm statistics are first re-estimated on `reset_images`, so
+  a point off every segment (the weight average of K models, whose averaged running
+  statistics are as wrong as interpolated ones) compares with the curves of the same mode.
+  One compiled call.
+
+  Returns:
+    {'loss': scalar, 'accuracy': scalar}.
+  """
+  if bn_mode not in BN_MODES:
+    raise ValueError(f"bn_mode={bn_mode!r}; allowed: {BN_MODES}")
+  if bn_mode == "reset" and reset_images is None:
+    raise ValueError("bn_mode='reset' needs reset_images")
+  return _point(model, bn_mode, variables, batches, mean, std, reset_images)
+
+
+@jax.jit(static_argnames=("model", "bn_mode", "mean", "std"))
+def _point(model, bn_mode, variables, batches, mean, std, reset_images):
+  variables = _with_bn_mode(model, bn_mode, variables, reset_images, mean, std)
+  return evaluate.evaluate(evaluate.inference_fn(model), variables, batches, mean, std)
 
 
 def _over_alphas(at_alpha: Callable, alphas: jax.Array, alpha_chunk: int):
@@ -166,3 +202,47 @@ def barriers(alphas: np.ndarray, loss: np.ndarray, accuracy: np.ndarray) -> dict
       "loss_barrier_alpha": float(alphas[int(np.argmax(loss - line_loss))]),
       "accuracy_barrier_alpha": float(alphas[worst]),
   }
+
+
+MATRIX_BARRIERS = ("loss_barrier", "accuracy_barrier_pp")
+
+
+def pairwise_barriers(alphas: np.ndarray, curves: Mapping[tuple[int, int], Mapping[str, Any]],
+                      num_models: int) -> dict[str, Any]:
+  """The barriers between every two of K models, from the curves of all their pairs.
+
+  A barrier does not depend on which end of the segment is model a, so one curve per pair
+  suffices and the matrices are symmetric with a zero diagonal (a model is connected to
+  itself).
+
+  Args:
+    alphas: [A] the curves' grid, from 0 to 1.
+    curves: `curves[(i, j)]` for every i < j < num_models: the curve ({'loss', 'accuracy'},
+      as `lmc_curve` returns) from model i to model j.
+    num_models: K >= 2.
+
+  Returns:
+    For each of `MATRIX_BARRIERS` (loss_barrier, accuracy_barrier_pp): the [K][K] matrix
+    (nested lists) and its mean and max over the K (K - 1) / 2 pairs (`<key>_mean`,
+    `<key>_max`; NaN when a curve is not finite, see `barriers`); and `endpoint_accuracy`,
+    `endpoint_loss` [K]: each model's score where its curves start or end.
+  """
+  pairs = set(itertools.combinations(range(num_models), 2))
+  if num_models < 2 or set(curves) != pairs:
+    raise ValueError(f"pairwise_barriers needs num_models >= 2 and exactly one curve per pair (i, j), i < j; got "
+                     f"num_models={num_models} and pairs {sorted(curves)}")
+  matrices = {key: np.zeros((num_models, num_models)) for key in MATRIX_BARRIERS}
+  for (i, j), curve in curves.items():
+    result = barriers(alphas, curve["loss"], curve["accuracy"])
+    for key, matrix in matrices.items():
+      matrix[i, j] = matrix[j, i] = result[key]
+  upper = np.triu_indices(num_models, 1)
+  summary = {}
+  for key, matrix in matrices.items():
+    summary.update({key: matrix.tolist(), f"{key}_mean": float(np.mean(matrix[upper])),
+                    f"{key}_max": float(np.max(matrix[upper]))})
+  # Model i starts its curve to model i + 1; the last model ends the curve from the one before it.
+  ends = [curves[(i, i + 1)] for i in range(num_models - 1)]
+  for key in ("accuracy", "loss"):
+    summary[f"endpoint_{key}"] = [float(curve[key][0]) for curve in ends] + [float(ends[-1][key][-1])]
+  return summary

@@ -203,8 +203,8 @@ KEYS: tuple[Key, ...] = (
     Key("overwrite", bool, "replace an earlier run in the workdir: the new run is built beside it and swapped in "
         "when complete; the old one is kept as WORKDIR.previous-TIME"),
     # lmc
-    Key("num_models", int, "models per variant trained together; the LMC pair is models 0 and 1", experiments=LMC,
-        low=2),
+    Key("num_models", int, "models per variant trained together; the LMC pair is models 0 and 1; all K give "
+        "a barrier matrix and their weight average (k_models)", experiments=LMC, low=2),
     Key("variants", str, "comma-separated variants to train", experiments=LMC, item=str, choices=LMC_VARIANTS),
     Key("pruning_fraction", float, "fraction zeroed at init and kept zero by the pruning variant", experiments=LMC,
         low=0, high=1, high_open=True, applies=_variant("pruning"), condition="variants has pruning"),

@@ -6,6 +6,11 @@ trains in ONE vmapped program, then each variant's pair (models 0 and 1) gets an
 (one compiled call each), and for BatchNorm models a second curve with statistics
 re-estimated at every alpha.
 
+With K = `num_models` models per variant, every two of them get a curve (the pair's is
+reused), whose barriers make the variant's K x K barrier matrix, and the K-way weight
+average ("fusion", `fusion.model_soups.uniform_soup`) is scored on the test set next to the
+models' mean accuracy: `k_models` in results.json, and a second table when K > 2.
+
 With `align = weight | activation`, model 1 of each pair is also permuted onto model 0
 (post-hoc matching, `tna_jax.alignment.matching`) and every curve is measured again, so one run
 compares TNA-PFN, post-hoc matching and both; with `repair = True` every curve is also
@@ -17,10 +22,11 @@ metrics.jsonl and tensorboard/ (per epoch) and orbax checkpoints (checkpoints/in
 checkpoints/<variant>_<k>, and when aligned <variant>_1_aligned and <variant>_perms).
 """
 
-from typing import Any
+from typing import Any, NamedTuple
 
 from absl import logging
 import dataclasses
+import itertools
 
 import jax
 import jax.numpy as jnp
@@ -29,6 +35,7 @@ import numpy as np
 from tna_jax.alignment import interpolation, matching
 from tna_jax.config import schema
 from tna_jax.core import data, evaluate, execution, masks, models, optim, sharding, train
+from tna_jax.fusion import model_soups
 from tna_jax.runs import reporting, runtime
 
 
@@ -48,6 +55,18 @@ ALIGNED_COLUMNS = (
     ("aligned acc barrier pp", "aligned_accuracy_barrier_pp", ".2f"),
     ("match iters", "match_iterations", "d"),
     ("match s", "match_seconds", ".2f"),
+)
+K_MODEL_COLUMNS = (
+    ("variant", "variant", "s"),
+    ("curve", "bn_mode", "s"),
+    ("models", "num_models", "d"),
+    ("mean loss barrier", "loss_barrier_mean", ".4f"),
+    ("max loss barrier", "loss_barrier_max", ".4f"),
+    ("mean acc barrier pp", "accuracy_barrier_pp_mean", ".2f"),
+    ("max acc barrier pp", "accuracy_barrier_pp_max", ".2f"),
+    ("mean acc %", "mean_endpoint_accuracy", ".2f"),
+    ("fused acc %", "fused_accuracy", ".2f"),
+    ("fused loss", "fused_loss", ".4f"),
 )
 
 
@@ -110,8 +129,10 @@ def run(config, workdir: str) -> dict[str, Any]:
 
     with run.timed("lmc"):
       aligned = align_pairs(config, model, states, variants, dataset, policy)
-      curves, aligned_curves, rows = measure_curves(config, model, states, variants, dataset, aligned, policy)
-    check_finite_curves(curves, aligned_curves)
+      measurement = make_measurement(config, model, states, dataset, policy)
+      curves, aligned_curves, rows = measure_curves(config, states, variants, aligned, measurement)
+      k_models, k_model_curves = measure_k_models(config, states, variants, curves, measurement)
+    check_finite_curves(curves, aligned_curves, k_model_curves)
 
     results = {
         "config": config.to_dict(),
@@ -120,6 +141,7 @@ def run(config, workdir: str) -> dict[str, Any]:
         "alphas": curves.pop("alphas"),
         "curves": curves,
         "summary": rows,
+        "k_models": k_models,
         "train_seconds": run.seconds["train"],
         "lmc_seconds": run.seconds["lmc"],
         "train_speed": train.speed_summary(history),
@@ -130,10 +152,14 @@ def run(config, workdir: str) -> dict[str, Any]:
                               for variant, (_, result) in aligned.items()}
     write_outputs(run, config, results, variables, tna_mask, states, names, aligned)
     extras = (f", align={config.align}" if aligned else "") + (", REPAIR" if config.repair else "")
+    k_model_table = ""
+    if k > 2:
+      k_model_table = (f"\n\nAll {k * (k - 1) // 2} pairs of the {k} models of each variant, and their weight average "
+                       "(fused):\n" + reporting.format_table(list(k_models.values()), K_MODEL_COLUMNS))
     run.finish(results, f"\nLMC between models 0 and 1 of each variant ({config.model.name} on {config.dataset}, "
                f"{config.num_epochs} epochs{extras}, train {run.seconds['train']:.0f}s, curves "
                f"{run.seconds['lmc']:.1f}s):\n" +
-               reporting.format_table(rows, TABLE_COLUMNS + (ALIGNED_COLUMNS if aligned else ())) +
+               reporting.format_table(rows, TABLE_COLUMNS + (ALIGNED_COLUMNS if aligned else ())) + k_model_table +
                "\n\nTraining speed (median epoch, compilation excluded):\n" +
                reporting.format_table([results["train_speed"]], train.SPEED_COLUMNS))
   return results
@@ -182,44 +208,112 @@ def curve_summary(alphas: jax.Array, curve: dict) -> dict[str, float]:
           **interpolation.barriers(alphas, curve["loss"], curve["accuracy"])}
 
 
-def measure_curves(config, model, states: train.TrainState, variants, dataset: data.Dataset,
-                   aligned: dict[str, tuple[dict, matching.MatchResult]], policy: execution.ExecutionPolicy):
-  """The LMC curve and barriers of each variant's pair (models 0 and 1), per BN mode and
-  with and without REPAIR; for aligned variants also between model 0 and aligned model 1.
+class Measurement(NamedTuple):
+  """What every curve and score of the run is measured on, and how."""
 
-  Returns (curves, aligned curves, table rows); curve names are the variant plus the BN mode
-  (when there are several) and '+REPAIR'.
-  """
-  alphas = jnp.linspace(0.0, 1.0, config.lmc.num_alphas)
-  batches = evaluate.make_batches(dataset.test_images, dataset.test_labels, config.eval_batch_size)
+  model: Any
+  alphas: jax.Array  # [A] from 0 to 1
+  batches: evaluate.Batches  # the test split
+  mean: tuple[float, ...]
+  std: tuple[float, ...]
+  bn_modes: list[str]  # ['raw'] for models without BatchNorm
+  reset_images: jax.Array | None  # training batches for BN reset and REPAIR, else None
+  alpha_chunk: int
+  policy: execution.ExecutionPolicy
+
+  def curve(self, variables_a: dict, variables_b: dict, bn_mode: str, repair: bool = False) -> dict[str, np.ndarray]:
+    """The LMC curve from model a to model b (one compiled call), on the host."""
+    return jax.device_get(interpolation.lmc_curve(
+        self.model, variables_a, variables_b, self.alphas, self.batches, self.mean, self.std, bn_mode=bn_mode,
+        repair=repair, reset_images=self.reset_images, alpha_chunk=self.alpha_chunk, policy=self.policy))
+
+  def score(self, variables: dict, bn_mode: str) -> dict[str, float]:
+    """Test loss and accuracy of one model, its BatchNorm statistics as the curves of `bn_mode` have them."""
+    scores = interpolation.evaluate_point(self.model, variables, self.batches, self.mean, self.std, bn_mode=bn_mode,
+                                          reset_images=self.reset_images)
+    return {key: float(value) for key, value in jax.device_get(scores).items()}
+
+
+def make_measurement(config, model, states: train.TrainState, dataset: data.Dataset,
+                     policy: execution.ExecutionPolicy) -> Measurement:
+  """The test batches, alpha grid, BN modes and reset batches that every curve of the run shares."""
   has_bn = bool(states.batch_stats)
   bn_modes = config.lmc.bn_modes.split(",") if has_bn else ["raw"]
-  repairs = (False, True) if config.repair else (False,)
   reset_images = None
   if "reset" in bn_modes or config.repair:
     reset_images = matching.training_batches(dataset, config.lmc.reset_batches, config.batch_size)
+  return Measurement(model=model, alphas=jnp.linspace(0.0, 1.0, config.lmc.num_alphas),
+                     batches=evaluate.make_batches(dataset.test_images, dataset.test_labels, config.eval_batch_size),
+                     mean=dataset.mean, std=dataset.std, bn_modes=bn_modes, reset_images=reset_images,
+                     alpha_chunk=config.lmc.alpha_chunk, policy=policy)
+
+
+def curve_name(variant: str, bn_mode: str, bn_modes: list[str], repair: bool = False) -> str:
+  """'tna', or with several BN modes 'tna (reset BN)', and ' +REPAIR' for a repaired curve."""
+  return variant + (f" ({bn_mode} BN)" if len(bn_modes) > 1 else "") + (" +REPAIR" if repair else "")
+
+
+def measure_curves(config, states: train.TrainState, variants, aligned: dict[str, tuple[dict, matching.MatchResult]],
+                   measurement: Measurement):
+  """The LMC curve and barriers of each variant's pair (models 0 and 1), per BN mode and
+  with and without REPAIR; for aligned variants also between model 0 and aligned model 1.
+
+  Returns (curves, aligned curves, table rows); curve names are `curve_name`s.
+  """
+  alphas = measurement.alphas
+  repairs = (False, True) if config.repair else (False,)
   curves, aligned_curves, rows = {"alphas": np.asarray(alphas)}, {}, []
   for v, variant in enumerate(variants):
     variables_a, variables_b = pair(config, states, v)
-    for bn_mode in bn_modes:
+    for bn_mode in measurement.bn_modes:
       for repair in repairs:
-
-        def curve_to(variables, bn_mode=bn_mode, repair=repair):
-          return jax.device_get(interpolation.lmc_curve(model, variables_a, variables, alphas, batches, dataset.mean,
-                                              dataset.std, bn_mode=bn_mode, repair=repair, reset_images=reset_images,
-                                              alpha_chunk=config.lmc.alpha_chunk, policy=policy))
-
-        name = variant + (f" ({bn_mode} BN)" if len(bn_modes) > 1 else "") + (" +REPAIR" if repair else "")
-        curves[name] = curve_to(variables_b)
+        name = curve_name(variant, bn_mode, measurement.bn_modes, repair)
+        curves[name] = measurement.curve(variables_a, variables_b, bn_mode, repair)
         row = {"variant": variant, "curve": bn_mode + ("+REPAIR" if repair else ""), "bn_mode": bn_mode,
                "repair": repair, **curve_summary(alphas, curves[name])}
         if variant in aligned:
           aligned_b, result = aligned[variant]
-          aligned_curves[name] = curve_to(aligned_b)
+          aligned_curves[name] = measurement.curve(variables_a, aligned_b, bn_mode, repair)
           row.update({f"aligned_{key}": value for key, value in curve_summary(alphas, aligned_curves[name]).items()})
           row.update(match_iterations=result.iterations, match_seconds=result.seconds)
         rows.append(row)
   return curves, aligned_curves, rows
+
+
+def measure_k_models(config, states: train.TrainState, variants, curves: dict,
+                     measurement: Measurement) -> tuple[dict[str, dict], dict[str, dict]]:
+  """The barrier matrix of each variant's K models and the score of their weight average.
+
+  Per BN mode: a curve for every two of the K models (models 0 and 1 reuse the pair's curve
+  from `curves`; none is aligned or repaired), `interpolation.pairwise_barriers` of them, and
+  the K-way uniform average of every variable (`model_soups.uniform_soup`), whose BatchNorm
+  statistics are the averaged ones for 'raw' and re-estimated on the reset batches for
+  'reset', like the curves' points. Accuracies are in %; `mean_endpoint_accuracy` is the
+  mean of the K models scored the same way.
+
+  Returns ({curve name: that section}, {the new curves by name, e.g. 'tna 0-2'}).
+  """
+  k = config.num_models
+  k_models, new_curves = {}, {}
+  for v, variant in enumerate(variants):
+    stacked = jax.tree.map(lambda x: x[v * k:(v + 1) * k], states.variables)
+    fused = model_soups.uniform_soup(stacked)
+    for bn_mode in measurement.bn_modes:
+      name = curve_name(variant, bn_mode, measurement.bn_modes)
+      pair_curves = {(0, 1): curves[name]}
+      for i, j in itertools.combinations(range(k), 2):
+        if (i, j) != (0, 1):
+          pair_curves[(i, j)] = new_curves[f"{name} {i}-{j}"] = measurement.curve(
+              train.unstack(stacked, i), train.unstack(stacked, j), bn_mode)
+      matrix = interpolation.pairwise_barriers(measurement.alphas, pair_curves, k)
+      fused_scores = measurement.score(fused, bn_mode)
+      mean_accuracy = 100 * float(np.mean(matrix.pop("endpoint_accuracy")))
+      mean_loss = float(np.mean(matrix.pop("endpoint_loss")))
+      k_models[name] = {"variant": variant, "bn_mode": bn_mode, "num_models": k, **matrix,
+                        "mean_endpoint_accuracy": mean_accuracy, "mean_endpoint_loss": mean_loss,
+                        "fused_accuracy": 100 * fused_scores["accuracy"], "fused_loss": fused_scores["loss"],
+                        "fusion_gain_pp": 100 * fused_scores["accuracy"] - mean_accuracy}
+  return k_models, new_curves
 
 
 def write_outputs(run: runtime.Run, config, results: dict, init_variables: dict, mask, states: train.TrainState,
