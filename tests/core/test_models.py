@@ -1,5 +1,6 @@
 """Tests of tna_jax.core.models: shapes, parameter names, norm variants and BN statistics."""
 
+import chex
 import jax
 import jax.numpy as jnp
 import ml_collections
@@ -239,11 +240,15 @@ def test_he_init_has_variance_two_over_fan_in_and_zero_bias():
 
 
 def test_init_scheme_keeps_norm_layers_and_rejects_what_it_cannot_do():
-  model = models.get_model({"name": "resnet20", "width_multiplier": 0.25}, 10)
-  params = models.init_variables(model, jax.random.key(0), (8, 8, 3), "torch")["params"]
-  assert np.all(np.asarray(params["norm1"]["scale"]) == 1) and not np.any(np.asarray(params["norm1"]["bias"]))
+  params = {"conv1": {"kernel": jnp.zeros((3, 3, 3, 4))}, "norm1": {"scale": jnp.ones(4), "bias": jnp.zeros(4)},
+            "block": {"conv": {"kernel": jnp.zeros((3, 3, 4, 4)), "bias": jnp.zeros(4)}}}
+  redrawn = models._redraw_weights(params, "torch", jax.random.key(0))  # pylint: disable=protected-access
+  chex.assert_trees_all_equal(redrawn["norm1"], params["norm1"])  # modules without a kernel keep their values
+  assert np.all(np.abs(np.asarray(redrawn["block"]["conv"]["bias"])) <= 1 / np.sqrt(36))
+  assert np.any(np.asarray(redrawn["block"]["conv"]["bias"]))  # a Conv's bias is drawn as PyTorch does
+  model = models.get_model({"name": "mlp", "depth": 1, "width": 8}, 10)
   with pytest.raises(ConfigError, match="model.init='xavier'.*flax, torch, he"):
-    models.init_variables(model, jax.random.key(0), (8, 8, 3), "xavier")
+    models.init_variables(model, jax.random.key(0), (8, 8, 1), "xavier")
   vit = models.get_model({"name": "vit", "patch_size": 7, "depth": 1, "width": 8, "num_heads": 2, "mlp_dim": 8}, 10)
   with pytest.raises(ConfigError, match="model.init='torch'.*allows model.init='flax'"):
     models.init_variables(vit, jax.random.key(0), (28, 28, 1), "torch")

@@ -205,12 +205,12 @@ def init_variables(model: nn.Module, key: jax.Array, input_shape: tuple[int, ...
   with) or 'he' (He-normal kernels, zero biases). Norm layers start at scale 1, bias 0 in all.
   """
   check_choice("model.init", scheme, INIT_SCHEMES)
+  if scheme != "flax" and model.__class__.__name__ not in INIT_MODELS:
+    raise ConfigError(f"model.init={scheme!r} is defined for {', '.join(sorted(INIT_MODELS))} only; "
+                      f"{model.__class__.__name__} allows model.init='flax'.")
   x = jnp.zeros((1,) + tuple(input_shape), jnp.float32)
   variables = flax.core.unfreeze(model.init(key, x, train=False))
   if scheme != "flax":
-    if model.__class__.__name__ not in INIT_MODELS:
-      raise ConfigError(f"model.init={scheme!r} is defined for {', '.join(sorted(INIT_MODELS))} only; "
-                        f"{model.__class__.__name__} allows model.init='flax'.")
     variables["params"] = _redraw_weights(variables["params"], scheme, key)
   return variables
 
