@@ -9,6 +9,7 @@ import pytest
 from tna_jax import experiments
 from tna_jax.config import loader, schema
 from tna_jax.errors import ConfigError
+from tna_jax.runs import workdir
 
 CONFIG_FILES = loader.config_files()
 
@@ -32,7 +33,7 @@ def test_config_loads_and_validates(path, arg):
 def test_every_key_of_every_config_is_declared_for_its_experiment(path):
   config = loader.load_module(path).get_config()
   declared = schema.declared(config.experiment)
-  assert set(schema.flatten(config)) <= set(declared), set(schema.flatten(config)) - set(declared)
+  assert set(workdir.flat(config)) <= set(declared), set(workdir.flat(config)) - set(declared)
 
 
 def test_quick_preset_shrinks_and_unknown_preset_is_an_error():
@@ -46,7 +47,7 @@ def test_quick_preset_shrinks_and_unknown_preset_is_an_error():
 def test_runlocal_is_quick_and_the_quick_keys_exist(family):
   quick, runlocal = (loader.apply_preset(loader.defaults(family), arg) for arg in ("quick", "runlocal"))
   assert quick.to_dict() == runlocal.to_dict() != loader.defaults(family).to_dict()
-  flat = schema.flatten(quick)
+  flat = workdir.flat(quick)
   assert all(flat[key] == value for key, value in loader.quick_overrides(family).items())
 
 
@@ -93,11 +94,11 @@ def test_a_bad_value_is_rejected_naming_key_and_what_is_allowed(family, key, val
 
 
 def test_the_keys_that_apply_follow_the_model_and_the_other_keys():
-  shown = schema.flatten(schema.applicable(loader.defaults("lmc")))
+  shown = workdir.flat(schema.applicable(loader.defaults("lmc")))
   assert {"model.depth", "model.width", "mask.fixed_fraction"} <= set(shown)
   assert not {"model.norm", "model.width_multiplier", "lmc.bn_modes", "matching.solver"} & set(shown)
   config = loader.defaults("lmc")
   config.model.name, config.align, config.variants = "resnet20", "weight", "vanilla"
-  shown = schema.flatten(schema.applicable(config))
+  shown = workdir.flat(schema.applicable(config))
   assert {"model.norm", "model.width_multiplier", "lmc.bn_modes", "matching.solver", "matching.seed"} <= set(shown)
   assert not {"model.depth", "model.width", "matching.batches", "mask.fixed_fraction", "pruning_fraction"} & set(shown)

@@ -17,8 +17,7 @@ from tna_jax.core import masks, models, optim, train
 from tna_jax.errors import ConfigError
 from tna_jax.experiments import fed
 from tna_jax.federated import algorithms, client, partition
-from tna_jax.runs import checkpoints
-from tna_jax.runs import workdir as workdir_lib
+from tna_jax.runs import checkpoints, workdir as workdir_lib
 
 MEAN, STD = (0.5,), (0.29,)
 LR = 0.05

@@ -17,13 +17,12 @@ from typing import Any, Callable
 import ml_collections
 
 from tna_jax import experiments
-from tna_jax.alignment import interpolation, matching
-from tna_jax.alignment import permutations
-from tna_jax.core import data, masks, models, optim, sharding, text_data
-from tna_jax.core import transformer_models
+from tna_jax.alignment import interpolation, matching, permutations
+from tna_jax.core import data, masks, models, optim, sharding, text_data, transformer_models
 from tna_jax.errors import ConfigError, check_choice
 from tna_jax.federated import algorithms, partition
 from tna_jax.fusion import bases, tasks
+from tna_jax.runs import workdir
 
 ALL = tuple(experiments.EXPERIMENTS)
 LMC, FED = ("lmc",), ("fed",)
@@ -95,16 +94,15 @@ def _batchnorm(config) -> bool:
 
 
 def _variant(*names: str) -> Callable[[Any], bool]:
-  return lambda config: bool(set(names) & {v.strip() for v in config.variants.split(",")})
+  return lambda config: bool(set(names) & set(values(config, "variants")))
 
 
 def _fed_algorithm(attribute: str) -> Callable[[Any], bool]:
-  return lambda config: any(getattr(algorithms.parse(n), attribute) for n in config.algorithms.split(",") if n.strip())
+  return lambda config: any(getattr(algorithms.parse(n), attribute) for n in values(config, "algorithms"))
 
 
 def _server_optimizer(*names: str) -> Callable[[Any], bool]:
-  return lambda config: any(algorithms.parse(n).server_optimizer in names for n in config.algorithms.split(",")
-                            if n.strip())
+  return lambda config: any(algorithms.parse(n).server_optimizer in names for n in values(config, "algorithms"))
 
 
 _adaptive_server = _server_optimizer("adam", "yogi")
@@ -375,7 +373,7 @@ def validate(config) -> None:
   """
   check_choice("experiment", config.experiment, ALL)
   keys = declared(config.experiment)
-  for path, value in flatten(config).items():
+  for path, value in workdir.flat(config).items():
     if path not in keys:
       raise ConfigError(f"config key {path!r} is not a key of the {config.experiment} experiment; its keys are in "
                         "docs/config_keys.md.")
@@ -401,10 +399,7 @@ def check_value(key: Key, value: Any) -> None:
 def values(config, path: str) -> list[Any]:
   """The items of the comma-separated list key `path` of `config` (e.g. 'variants'), as its
   declaration casts them: the one parser of list keys, for validation and runs alike."""
-  value = config
-  for part in path.split("."):
-    value = value[part]
-  return items(declared(config.experiment)[path], value)
+  return items(declared(config.experiment)[path], _get(config, path))
 
 
 def items(key: Key, value: str) -> list[Any]:
@@ -512,7 +507,7 @@ def applicable(config) -> ml_collections.ConfigDict:
   """A copy of a validated `config` without the keys that do not apply to it (`main --dry_run`)."""
   keys = declared(config.experiment)
   shown: dict[str, Any] = {}
-  for path, value in flatten(config).items():
+  for path, value in workdir.flat(config).items():
     if applies(keys[path], config):
       *parents, leaf = path.split(".")
       node = shown
@@ -520,14 +515,3 @@ def applicable(config) -> ml_collections.ConfigDict:
         node = node.setdefault(parent, {})
       node[leaf] = value
   return ml_collections.ConfigDict(shown)
-
-
-def flatten(config, prefix: str = "") -> dict[str, Any]:
-  """{'mask.seed': 0, ...} for a (nested) ConfigDict."""
-  out = {}
-  for key, value in config.items():
-    if hasattr(value, "items"):
-      out.update(flatten(value, f"{prefix}{key}."))
-    else:
-      out[f"{prefix}{key}"] = value
-  return out

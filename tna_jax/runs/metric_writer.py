@@ -88,7 +88,7 @@ class MetricWriter:
           board.add_scalar(f"lmc_{key}/{name}", float(value), step)
     if table:
       board.add_text("summary", table)
-    hparams = {k: v for k, v in workdir.flat(dict(hparams or {})).items() if isinstance(v, (bool, int, float, str))}
+    hparams = {k: v for k, v in workdir.flat(hparams or {}).items() if isinstance(v, (bool, int, float, str))}
     if hparams:
       # add_hparams would open a second writer on a new run (one event file per writer and
       # second); the same summaries go into this phase's own event file instead.

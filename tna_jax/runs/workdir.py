@@ -59,11 +59,11 @@ def staging_dir(workdir: epath.Path) -> epath.Path:
   return workdir.parent / f"{workdir.name}.next"
 
 
-def flat(config: dict, prefix: str = "") -> dict[str, Any]:
-  """{'mask.fixed_fraction': 0.4, ...} of a nested config dict."""
+def flat(config, prefix: str = "") -> dict[str, Any]:
+  """{'mask.fixed_fraction': 0.4, ...} of a nested config (a ConfigDict or a plain dict)."""
   out = {}
   for key, value in config.items():
-    if isinstance(value, dict):
+    if hasattr(value, "items"):
       out.update(flat(value, f"{prefix}{key}."))
     else:
       out[f"{prefix}{key}"] = value
