@@ -17,6 +17,13 @@ class ConfigError(TnaError, ValueError):
   """A config value is unknown or out of range."""
 
 
+class DivergedError(TnaError):
+  """Training produced a non-finite loss (or a curve a non-finite point); the last good
+  checkpoint is kept and no results are written."""
+
+  exit_code = 3
+
+
 class DataNotFoundError(TnaError, FileNotFoundError):
   """A dataset is not on this machine; the message says how to provide it."""
 

@@ -43,7 +43,7 @@ def test_quick_preset_shrinks_and_unknown_preset_is_an_error():
     loader.apply_preset(loader.defaults("lmc"), "fast")
 
 
-@pytest.mark.parametrize("family", ["lmc", "fed", "soup", "cold"])
+@pytest.mark.parametrize("family", ["lmc", "sweep", "fed", "soup", "cold"])
 def test_runlocal_is_quick_and_the_quick_keys_exist(family):
   quick, runlocal = (loader.apply_preset(loader.defaults(family), arg) for arg in ("quick", "runlocal"))
   assert quick.to_dict() == runlocal.to_dict() != loader.defaults(family).to_dict()

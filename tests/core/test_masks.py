@@ -74,6 +74,28 @@ def test_include_and_exclude_select_leaves_by_path():
     masks.fixed_mask(params, 0.5, seed=0, include="(")
 
 
+@pytest.mark.parametrize("names,preset,selected", [
+    (["fc1", "fc2", "fc3", "head"], "first", {"fc1"}),
+    (["fc1", "fc2", "fc3", "head"], "middle", {"fc2", "fc3"}),
+    (["fc1", "fc2", "fc3", "head"], "last", {"head"}),
+    (["fc1", "fc2", "fc3", "head"], "all", {"fc1", "fc2", "fc3", "head"}),
+    (["block1_1", "conv1", "head", "norm1"], "first", {"conv1"}),  # a ResNet: its stem reads the input
+    (["block1_1", "conv1", "head", "norm1"], "middle", {"block1_1", "norm1"}),
+])
+def test_layer_presets_mask_only_their_layers(names, preset, selected):
+  params = {name: {"kernel": jnp.zeros((4, 4)), "bias": jnp.zeros(4)} for name in names}
+  mask = masks.fixed_mask(params, 0.5, seed=0, include=preset)
+  assert {name for name in names if np.asarray(mask[name]["kernel"]).any()} == selected
+
+
+def test_a_layer_preset_the_model_lacks_is_a_clear_error():
+  with pytest.raises(ConfigError, match="include='middle'.*no middle layers"):
+    masks.fixed_mask({"fc1": {"kernel": jnp.zeros((2, 2))}, "head": {"kernel": jnp.zeros((2, 2))}}, 0.5, seed=0,
+                     include="middle")
+  with pytest.raises(ConfigError, match="include='first'.*no input layer"):
+    masks.fixed_mask({"Dense_0": {"kernel": jnp.zeros((2, 2))}}, 0.5, seed=0, include="first")
+
+
 def test_reverse_and_prune():
   params = _params()
   mask = masks.fixed_mask(params, 0.3, seed=0)

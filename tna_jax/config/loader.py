@@ -1,7 +1,7 @@
 """Loading the family defaults of configs/ and applying presets.
 
 Each experiment family keeps its defaults in a base file, `configs/default_<family>.py` (lmc,
-fed, soup and cold; finetune is the part soup and cold share); every experiment config starts
+sweep, fed, soup and cold; finetune is the part soup and cold share); every experiment config starts
 from `defaults(family)` and shows its own overrides. Presets are the `arg` of
 `get_config(arg)`, given as `--config=configs/NAME.py:quick`:
   quick (alias runlocal): a tiny run for smoke tests and CI, the dotted-key overrides
@@ -16,10 +16,11 @@ from typing import Any
 import ml_collections
 
 import tna_jax
+from tna_jax.config import grid
 from tna_jax.errors import check_choice
 
 PRESETS = ("quick", "runlocal")
-FAMILIES = ("lmc", "fed", "finetune", "soup", "cold")
+FAMILIES = ("lmc", "sweep", "fed", "finetune", "soup", "cold")
 
 
 def config_dir() -> pathlib.Path:
@@ -85,9 +86,5 @@ def apply_preset(config: ml_collections.ConfigDict, arg: str | None) -> ml_colle
   for preset in filter(None, (arg or "").split(",")):
     check_choice("config preset", preset, PRESETS)
     for key, value in quick_overrides(config.experiment).items():
-      *parents, leaf = key.split(".")
-      node = config
-      for parent in parents:
-        node = node[parent]
-      node[leaf] = value
+      grid.set_value(config, key, value)
   return config

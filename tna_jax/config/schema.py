@@ -18,6 +18,7 @@ import ml_collections
 
 from tna_jax import experiments
 from tna_jax.alignment import interpolation, matching, permutations
+from tna_jax.config import grid
 from tna_jax.core import data, masks, models, optim, sharding, text_data, transformer_models
 from tna_jax.errors import ConfigError, check_choice
 from tna_jax.federated import algorithms, partition
@@ -25,10 +26,10 @@ from tna_jax.fusion import bases, tasks
 from tna_jax.runs import workdir
 
 ALL = tuple(experiments.EXPERIMENTS)
-LMC, FED = ("lmc",), ("fed",)
+LMC, FED = ("lmc", "sweep"), ("fed",)  # a sweep is a grid of lmc runs: it has every lmc key
 FINETUNE = ("soup", "cold")  # models fine-tuned from one base
-TRAINED_FROM_SCRATCH = ("lmc", "fed")
-ALIGNED = ("lmc", "soup")  # post-hoc matching of trained models (`align`, `matching.*`)
+TRAINED_FROM_SCRATCH = ("lmc", "sweep", "fed")
+ALIGNED = ("lmc", "sweep", "soup")  # post-hoc matching of trained models (`align`, `matching.*`)
 
 LMC_VARIANTS = ("vanilla", "tna", "pruning")
 FINETUNE_VARIANTS = masks.STARTING_VARIANTS
@@ -108,9 +109,9 @@ def _server_optimizer(*names: str) -> Callable[[Any], bool]:
 _adaptive_server = _server_optimizer("adam", "yogi")
 _ADAPTIVE = "an algorithm is fedadam or fedyogi"
 _FED_MASK_USED = "an algorithm is fedpfn or fedpnu"
-_MASK_FRACTION_USED = {"lmc": "variants has tna", "soup": "variants has tna", "cold": "variants has tna",
-                       "fed": _FED_MASK_USED}
-_MASK_USED = {**_MASK_FRACTION_USED, "lmc": "variants has tna or pruning"}
+_MASK_FRACTION_USED = {"lmc": "variants has tna", "sweep": "variants has tna", "soup": "variants has tna",
+                       "cold": "variants has tna", "fed": _FED_MASK_USED}
+_MASK_USED = {**_MASK_FRACTION_USED, "lmc": "variants has tna or pruning", "sweep": "variants has tna or pruning"}
 
 
 def _mask_used(config) -> bool:
@@ -123,19 +124,14 @@ def _mask_fraction_used(config) -> bool:
 
 
 def _is(path: str, *values) -> Callable[[Any], bool]:
-  return lambda config: _get(config, path) in values
-
-
-def _get(config, path: str) -> Any:
-  for part in path.split("."):
-    config = config[part]
-  return config
+  return lambda config: grid.get_value(config, path) in values
 
 
 # ----------------------------------------------------------------------------- the keys
 
 _FINETUNE_MODELS = models.MODEL_NAMES + transformer_models.MODEL_NAMES
-_MODELS_OF = {"lmc": models.MODEL_NAMES, "fed": models.MODEL_NAMES, "soup": _FINETUNE_MODELS, "cold": _FINETUNE_MODELS}
+_MODELS_OF = {"lmc": models.MODEL_NAMES, "sweep": models.MODEL_NAMES, "fed": models.MODEL_NAMES,
+              "soup": _FINETUNE_MODELS, "cold": _FINETUNE_MODELS}
 _MASK = dict(applies=_mask_used, condition=_MASK_USED)
 _PRETRAIN = dict(experiments=FINETUNE, applies=_is("base.source", "pretrain"), condition="base.source = pretrain")
 
@@ -153,7 +149,7 @@ _OPTIMIZER = (
 
 KEYS: tuple[Key, ...] = (
     Key("experiment", str, "which experiment runs this config", choices=ALL),
-    Key("dataset", str, "dataset name", experiments=("lmc", "fed", "soup"), choices=data.DATASET_NAMES),
+    Key("dataset", str, "dataset name", experiments=("lmc", "sweep", "fed", "soup"), choices=data.DATASET_NAMES),
     Key("dataset", str, "dataset name ('glue' with model.name = text_transformer)", experiments=("cold",),
         choices=data.DATASET_NAMES + ("glue",)),
     Key("data_dir", str, "directory of the IDX files (fashion_mnist) or the prepared TFDS data_dir; '' = default",
@@ -195,7 +191,8 @@ KEYS: tuple[Key, ...] = (
         low=0, high=1, high_open=True, applies=_mask_fraction_used, condition=_MASK_FRACTION_USED),
     Key("mask.granularity", str, "fix single weights or whole output units", choices=masks.GRANULARITIES, **_MASK),
     Key("mask.include", str, "regex on parameter paths (e.g. 'fc1/kernel'; 'lora' = the LoRA adapters); only matches "
-        "are eligible; '' = all", form="regex", **_MASK),
+        "are eligible; '' = all; or a layer preset: all, first (the input layer), middle (the hidden layers), last "
+        "(the classifier)", form="regex", **_MASK),
     Key("mask.exclude", str, "regex on parameter paths never fixed", form="regex", **_MASK),
     Key("mask.seed", int, "seed of the mask, shared by every model", **_MASK),
     Key("overwrite", bool, "replace an earlier run in the workdir: the new run is built beside it and swapped in "
@@ -326,6 +323,12 @@ KEYS: tuple[Key, ...] = (
         experiments=FED, low=1),
     Key("eval_every", int, "epochs between test evaluations during training (the last is always evaluated; the "
         "LMC curves never depend on it)", experiments=LMC, low=1),
+    # sweep
+    Key("sweep.grid", str, "axes separated by ';', each KEY=V1,V2,... (KEY1+KEY2=... gives both keys each value, as "
+        "the ratio of TNA-PFN and pruning); the points are every combination of the axes' values",
+        experiments=("sweep",), form="grid"),
+    Key("sweep.seeds", int, "replicates of every point: replicate r adds r to init_seed and mask.seed and r * "
+        "num_models to data_seed", experiments=("sweep",), low=1),
     Key("client_eval", bool, "also evaluate on the test set reweighted to each client's label mix", experiments=FED),
     Key("final_rounds", int, "reported accuracy = mean over the last this many evaluations", experiments=FED, low=1),
 )
@@ -399,7 +402,7 @@ def check_value(key: Key, value: Any) -> None:
 def values(config, path: str) -> list[Any]:
   """The items of the comma-separated list key `path` of `config` (e.g. 'variants'), as its
   declaration casts them: the one parser of list keys, for validation and runs alike."""
-  return items(declared(config.experiment)[path], _get(config, path))
+  return items(declared(config.experiment)[path], grid.get_value(config, path))
 
 
 def items(key: Key, value: str) -> list[Any]:
@@ -463,7 +466,7 @@ def dataset_fits_model(config) -> None:
 def tasks_fit_dataset(config) -> None:
   """Each ColD task is a GLUE task name (glue) or a relabeling of the image classes."""
   for path in ("cold.tasks", "cold.unseen_tasks"):
-    for spec in items(declared("cold")[path], _get(config, path)):
+    for spec in items(declared("cold")[path], grid.get_value(config, path)):
       if config.dataset == "glue":
         check_choice("cold.tasks (glue)", spec, tuple(text_data.GLUE_TASKS))
       else:
@@ -475,6 +478,19 @@ def tasks_fill_a_batch(config) -> None:
   if config.cold.examples_per_task < config.batch_size:
     raise ConfigError(f"cold.examples_per_task={config.cold.examples_per_task} is smaller than "
                       f"batch_size={config.batch_size}.")
+
+
+def grid_points_are_valid(config) -> None:
+  """Every point of a sweep's grid is a valid config: its values pass their keys' checks, and
+  the point passes the other rules (a swept model must still be alignable, ...)."""
+  keys = declared(config.experiment)
+  for overrides in grid.points(grid.parse(config.sweep.grid, keys)):
+    for path, value in overrides.items():
+      check_value(keys[path], value)
+    point = grid.apply(config, overrides)
+    for experiments_of_rule, rule in RULES:
+      if config.experiment in experiments_of_rule and rule is not grid_points_are_valid:
+        rule(point)
 
 
 def model_can_be_aligned(config) -> None:
@@ -490,6 +506,7 @@ RULES: tuple[tuple[tuple[str, ...], Callable[[Any], None]], ...] = (
     (("cold",), tasks_fit_dataset),
     (("cold",), tasks_fill_a_batch),
     (ALIGNED, model_can_be_aligned),
+    (("sweep",), grid_points_are_valid),
 )
 
 

@@ -27,6 +27,10 @@ from tna_jax.errors import ConfigError, check_choice
 PyTree = Any
 GRANULARITIES = ("weight", "neuron")
 REDRAWS = ("fixed", "per_round")  # MaskSpec.redraw: one mask for the whole run, or a new one each federated round
+# `include` names for the authors' layer-wise masks: every layer, the input layer, the hidden ones, the output layer.
+LAYER_PRESETS = ("all", "first", "middle", "last")
+FIRST_LAYERS = ("conv1", "fc1", "embedding")  # the module reading the input, in the library's models
+LAST_LAYER = "head"
 
 
 def fixed_mask(
@@ -49,8 +53,8 @@ def fixed_mask(
     granularity: 'weight' fixes single entries (the paper); 'neuron' fixes whole output
       units: every parameter of a module indexed by the unit on its last axis (kernel
       columns, bias, norm scale) shares one draw per unit.
-    include: regex; when set, only leaves whose path ('Dense_0/kernel') matches it are
-      eligible.
+    include: regex; when set, only leaves whose path ('fc1/kernel') matches it are
+      eligible. A name of `LAYER_PRESETS` selects layers instead (`layer_regex`).
     exclude: regex; leaves whose path matches it are never fixed.
 
   Returns:
@@ -59,7 +63,8 @@ def fixed_mask(
   if not 0.0 <= fixed_fraction < 1.0:
     raise ConfigError(f"mask fixed_fraction={fixed_fraction!r} is out of range; allowed: 0 <= fixed_fraction < 1.")
   check_choice("mask.granularity", granularity, GRANULARITIES)
-  include_re, exclude_re = _compile(include, "mask.include"), _compile(exclude, "mask.exclude")
+  include_re = _compile(layer_regex(include, params), "mask.include")
+  exclude_re = _compile(exclude, "mask.exclude")
   root = jax.random.key(seed)
 
   def leaf_mask(path: str, leaf: jax.Array) -> jax.Array:
@@ -73,6 +78,28 @@ def fixed_mask(
     return jax.random.bernoulli(tree_utils.path_key(root, path), fixed_fraction, leaf.shape)
 
   return tree_utils.map_with_path_str(leaf_mask, params)
+
+
+def layer_regex(include: str, params: PyTree) -> str:
+  """`include` as a regex on parameter paths: a `LAYER_PRESETS` name resolved against the
+  top-level modules of `params`, any other value unchanged.
+
+  'first' is the module that reads the input (`FIRST_LAYERS`), 'last' the classifier
+  (`LAST_LAYER`), 'middle' every other module (hidden layers, residual blocks, norms) and
+  'all' everything, so one preset name means the same layers of an MLP, a CNN or a ResNet.
+  """
+  if include not in LAYER_PRESETS:
+    return include
+  names = list(params)
+  first = [n for n in FIRST_LAYERS if n in names][:1]
+  if not first or LAST_LAYER not in names:
+    raise ConfigError(f"mask.include={include!r} names a layer preset, but this model's modules ({', '.join(names)}) "
+                      f"have no input layer ({' or '.join(FIRST_LAYERS)}) or no {LAST_LAYER!r}; use a regex instead.")
+  selected = {"all": names, "first": first, "last": [LAST_LAYER],
+              "middle": [n for n in names if n not in (first[0], LAST_LAYER)]}[include]
+  if not selected:
+    raise ConfigError(f"mask.include={include!r}: this model has no {include} layers (its modules: {', '.join(names)}).")
+  return "^(" + "|".join(map(re.escape, selected)) + ")/"
 
 
 def _compile(pattern: str, key: str) -> re.Pattern | None:
@@ -192,6 +219,22 @@ def freeze() -> optax.GradientTransformationExtraArgs:
 # ----------------------------------------------------------------------------- fine-tuning from one base
 
 STARTING_VARIANTS = ("vanilla", "tna")
+TRAINING_VARIANTS = ("vanilla", "tna", "pruning")  # from-scratch training, compared by LMC
+
+
+def training_start(variant: str, variables: dict, spec: MaskSpec, pruning_fraction: float) -> tuple[dict, PyTree]:
+  """(initial variables, fixed mask) of a from-scratch `variant`: vanilla trains every
+  entry; tna holds the entries of `spec`'s mask at their initial values; pruning zeroes the
+  entries of `spec`'s mask drawn at `pruning_fraction` instead and keeps them zero (the
+  paper's random pruning at initialization, the same draw as TNA-PFN's at equal ratios)."""
+  check_choice("variant", variant, TRAINING_VARIANTS)
+  params = variables["params"]
+  if variant == "vanilla":
+    return variables, no_mask(params)
+  if variant == "tna":
+    return variables, spec.draw(params)
+  pruning_mask = dataclasses.replace(spec, fixed_fraction=pruning_fraction).draw(params)
+  return {**variables, "params": prune(params, pruning_mask)}, pruning_mask
 
 
 def starting_masks(config, params: PyTree) -> dict[str, PyTree]:

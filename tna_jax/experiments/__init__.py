@@ -11,6 +11,7 @@ from tna_jax.errors import check_choice
 
 EXPERIMENTS = {
     "lmc": "tna_jax.experiments.lmc",
+    "sweep": "tna_jax.experiments.sweep",
     "fed": "tna_jax.experiments.fed",
     "soup": "tna_jax.experiments.soup",
     "cold": "tna_jax.experiments.cold",

@@ -22,20 +22,16 @@ metrics.jsonl and tensorboard/ (per epoch) and orbax checkpoints (checkpoints/in
 checkpoints/<variant>_<k>, and when aligned <variant>_1_aligned and <variant>_perms).
 """
 
-from typing import Any, NamedTuple
+from typing import Any
 
 from absl import logging
-import dataclasses
-import itertools
-
 import jax
-import jax.numpy as jnp
-import numpy as np
 
-from tna_jax.alignment import interpolation, matching
+from tna_jax.alignment import matching
+from tna_jax.alignment.measurement import (align_pairs, check_finite_curves, make_measurement, measure_curves,
+                                           measure_k_models)
 from tna_jax.config import schema
-from tna_jax.core import data, evaluate, execution, masks, models, optim, sharding, train
-from tna_jax.fusion import model_soups
+from tna_jax.core import data, execution, masks, models, optim, sharding, train
 from tna_jax.runs import reporting, runtime
 
 
@@ -95,13 +91,8 @@ def run(config, workdir: str) -> dict[str, Any]:
     variables = models.init_variables(model, jax.random.key(config.init_seed), dataset.image_shape, config.model.init)
     params = variables["params"]
     mask_spec = masks.MaskSpec.from_config(config.mask)
-    tna_mask = mask_spec.draw(params)
-    pruning_mask = dataclasses.replace(mask_spec, fixed_fraction=config.pruning_fraction).draw(params)
-    starts = {
-        "vanilla": (variables, masks.no_mask(params)),
-        "tna": (variables, tna_mask),
-        "pruning": ({**variables, "params": masks.prune(params, pruning_mask)}, pruning_mask),
-    }
+    starts = {v: masks.training_start(v, variables, mask_spec, config.pruning_fraction) for v in masks.TRAINING_VARIANTS}
+    tna_mask, pruning_mask = starts["tna"][1], starts["pruning"][1]
     variants = schema.values(config, "variants")
     k = config.num_models
     logging.info("Model %s: %d parameters; fixed fraction %.3f (tna), %.3f (pruning)", config.model.name,
@@ -128,10 +119,10 @@ def run(config, workdir: str) -> dict[str, Any]:
           on_epoch=phase.record, history=history, mesh=mesh, policy=policy, eval_every=config.eval_every)
 
     with run.timed("lmc"):
-      aligned = align_pairs(config, model, states, variants, dataset, policy)
-      measurement = make_measurement(config, model, states, dataset, policy)
-      curves, aligned_curves, rows = measure_curves(config, states, variants, aligned, measurement)
-      k_models, k_model_curves = measure_k_models(config, states, variants, curves, measurement)
+      aligned = align_pairs(config, model, states.variables, variants, dataset, policy)
+      measurement = make_measurement(config, model, states.variables, dataset, policy)
+      curves, aligned_curves, rows = measure_curves(config, states.variables, variants, aligned, measurement)
+      k_models, k_model_curves = measure_k_models(config, states.variables, variants, curves, measurement)
     check_finite_curves(curves, aligned_curves, k_model_curves)
 
     results = {
@@ -163,157 +154,6 @@ def run(config, workdir: str) -> dict[str, Any]:
                "\n\nTraining speed (median epoch, compilation excluded):\n" +
                reporting.format_table([results["train_speed"]], train.SPEED_COLUMNS))
   return results
-
-
-def check_finite_curves(*curve_sets: dict) -> None:
-  """A curve with a NaN or infinite point has no barrier: that is an error, never a 0."""
-  for curves in curve_sets:
-    for name, curve in curves.items():
-      if name != "alphas" and not all(np.all(np.isfinite(curve[key])) for key in ("loss", "accuracy")):
-        raise runtime.DivergedError(f"the LMC curve {name!r} has non-finite points (loss {np.asarray(curve['loss'])});"
-                                    " its barriers are undefined, so no results were written.")
-
-
-def pair(config, states: train.TrainState, v: int) -> tuple[dict, dict]:
-  """Models 0 and 1 of the v-th variant."""
-  first = v * config.num_models
-  return train.unstack(states.variables, first), train.unstack(states.variables, first + 1)
-
-
-def align_pairs(config, model, states: train.TrainState, variants, dataset: data.Dataset,
-                policy: execution.ExecutionPolicy) -> dict[str, tuple[dict, matching.MatchResult]]:
-  """Model 1 of each variant permuted onto model 0 by `config.align` ({} for 'none')."""
-  if config.align == "none":
-    return {}
-  images = None
-  if config.align == "activation":
-    images = matching.training_batches(dataset, config.matching.batches, config.batch_size)
-  aligned = {}
-  for v, variant in enumerate(variants):
-    aligned[variant] = matching.align(config.align, model, *pair(config, states, v), images=images,
-                                      mean=dataset.mean, std=dataset.std, seed=config.matching.seed,
-                                      max_iterations=config.matching.max_iterations, solver=config.matching.solver,
-                                      policy=policy)
-    result = aligned[variant][1]
-    logging.info("%s matching of %s: %d sweeps, %.2fs (+%.1fs compile), objective %.4g -> %.4g", config.align,
-                 variant, result.iterations, result.seconds, result.compile_seconds, result.initial_objective,
-                 result.objective)
-  return aligned
-
-
-def curve_summary(alphas: jax.Array, curve: dict) -> dict[str, float]:
-  """Endpoint and midpoint accuracies (%) and the barriers of one curve."""
-  return {"accuracy_a": 100 * float(curve["accuracy"][0]), "accuracy_b": 100 * float(curve["accuracy"][-1]),
-          "accuracy_mid": 100 * float(curve["accuracy"][len(alphas) // 2]),
-          **interpolation.barriers(alphas, curve["loss"], curve["accuracy"])}
-
-
-class Measurement(NamedTuple):
-  """What every curve and score of the run is measured on, and how."""
-
-  model: Any
-  alphas: jax.Array  # [A] from 0 to 1
-  batches: evaluate.Batches  # the test split
-  mean: tuple[float, ...]
-  std: tuple[float, ...]
-  bn_modes: list[str]  # ['raw'] for models without BatchNorm
-  reset_images: jax.Array | None  # training batches for BN reset and REPAIR, else None
-  alpha_chunk: int
-  policy: execution.ExecutionPolicy
-
-  def curve(self, variables_a: dict, variables_b: dict, bn_mode: str, repair: bool = False) -> dict[str, np.ndarray]:
-    """The LMC curve from model a to model b (one compiled call), on the host."""
-    return jax.device_get(interpolation.lmc_curve(
-        self.model, variables_a, variables_b, self.alphas, self.batches, self.mean, self.std, bn_mode=bn_mode,
-        repair=repair, reset_images=self.reset_images, alpha_chunk=self.alpha_chunk, policy=self.policy))
-
-  def score(self, variables: dict, bn_mode: str) -> dict[str, float]:
-    """Test loss and accuracy of one model, its BatchNorm statistics as the curves of `bn_mode` have them."""
-    scores = interpolation.evaluate_point(self.model, variables, self.batches, self.mean, self.std, bn_mode=bn_mode,
-                                          reset_images=self.reset_images)
-    return {key: float(value) for key, value in jax.device_get(scores).items()}
-
-
-def make_measurement(config, model, states: train.TrainState, dataset: data.Dataset,
-                     policy: execution.ExecutionPolicy) -> Measurement:
-  """The test batches, alpha grid, BN modes and reset batches that every curve of the run shares."""
-  has_bn = bool(states.batch_stats)
-  bn_modes = config.lmc.bn_modes.split(",") if has_bn else ["raw"]
-  reset_images = None
-  if "reset" in bn_modes or config.repair:
-    reset_images = matching.training_batches(dataset, config.lmc.reset_batches, config.batch_size)
-  return Measurement(model=model, alphas=jnp.linspace(0.0, 1.0, config.lmc.num_alphas),
-                     batches=evaluate.make_batches(dataset.test_images, dataset.test_labels, config.eval_batch_size),
-                     mean=dataset.mean, std=dataset.std, bn_modes=bn_modes, reset_images=reset_images,
-                     alpha_chunk=config.lmc.alpha_chunk, policy=policy)
-
-
-def curve_name(variant: str, bn_mode: str, bn_modes: list[str], repair: bool = False) -> str:
-  """'tna', or with several BN modes 'tna (reset BN)', and ' +REPAIR' for a repaired curve."""
-  return variant + (f" ({bn_mode} BN)" if len(bn_modes) > 1 else "") + (" +REPAIR" if repair else "")
-
-
-def measure_curves(config, states: train.TrainState, variants, aligned: dict[str, tuple[dict, matching.MatchResult]],
-                   measurement: Measurement):
-  """The LMC curve and barriers of each variant's pair (models 0 and 1), per BN mode and
-  with and without REPAIR; for aligned variants also between model 0 and aligned model 1.
-
-  Returns (curves, aligned curves, table rows); curve names are `curve_name`s.
-  """
-  alphas = measurement.alphas
-  repairs = (False, True) if config.repair else (False,)
-  curves, aligned_curves, rows = {"alphas": np.asarray(alphas)}, {}, []
-  for v, variant in enumerate(variants):
-    variables_a, variables_b = pair(config, states, v)
-    for bn_mode in measurement.bn_modes:
-      for repair in repairs:
-        name = curve_name(variant, bn_mode, measurement.bn_modes, repair)
-        curves[name] = measurement.curve(variables_a, variables_b, bn_mode, repair)
-        row = {"variant": variant, "curve": bn_mode + ("+REPAIR" if repair else ""), "bn_mode": bn_mode,
-               "repair": repair, **curve_summary(alphas, curves[name])}
-        if variant in aligned:
-          aligned_b, result = aligned[variant]
-          aligned_curves[name] = measurement.curve(variables_a, aligned_b, bn_mode, repair)
-          row.update({f"aligned_{key}": value for key, value in curve_summary(alphas, aligned_curves[name]).items()})
-          row.update(match_iterations=result.iterations, match_seconds=result.seconds)
-        rows.append(row)
-  return curves, aligned_curves, rows
-
-
-def measure_k_models(config, states: train.TrainState, variants, curves: dict,
-                     measurement: Measurement) -> tuple[dict[str, dict], dict[str, dict]]:
-  """The barrier matrix of each variant's K models and the score of their weight average.
-
-  Per BN mode: a curve for every two of the K models (models 0 and 1 reuse the pair's curve
-  from `curves`; none is aligned or repaired), `interpolation.pairwise_barriers` of them, and
-  the K-way uniform average of every variable (`model_soups.uniform_soup`), whose BatchNorm
-  statistics are the averaged ones for 'raw' and re-estimated on the reset batches for
-  'reset', like the curves' points. Accuracies are in %; `mean_endpoint_accuracy` is the
-  mean of the K models scored the same way.
-
-  Returns ({curve name: that section}, {the new curves by name, e.g. 'tna 0-2'}).
-  """
-  k = config.num_models
-  k_models, new_curves = {}, {}
-  for v, variant in enumerate(variants):
-    stacked = jax.tree.map(lambda x: x[v * k:(v + 1) * k], states.variables)
-    fused = model_soups.uniform_soup(stacked)
-    for bn_mode in measurement.bn_modes:
-      name = curve_name(variant, bn_mode, measurement.bn_modes)
-      pair_curves = {(0, 1): curves[name]}
-      for i, j in itertools.combinations(range(k), 2):
-        if (i, j) != (0, 1):
-          pair_curves[(i, j)] = new_curves[f"{name} {i}-{j}"] = measurement.curve(
-              train.unstack(stacked, i), train.unstack(stacked, j), bn_mode)
-      matrix = interpolation.pairwise_barriers(measurement.alphas, pair_curves, k)
-      fused_scores = measurement.score(fused, bn_mode)
-      mean_accuracy = 100 * float(np.mean(matrix.pop("endpoint_accuracy")))
-      mean_loss = float(np.mean(matrix.pop("endpoint_loss")))
-      k_models[name] = {"variant": variant, "bn_mode": bn_mode, "num_models": k, **matrix,
-                        "mean_endpoint_accuracy": mean_accuracy, "mean_endpoint_loss": mean_loss,
-                        "fused_accuracy": 100 * fused_scores["accuracy"], "fused_loss": fused_scores["loss"],
-                        "fusion_gain_pp": 100 * fused_scores["accuracy"] - mean_accuracy}
-  return k_models, new_curves
 
 
 def write_outputs(run: runtime.Run, config, results: dict, init_variables: dict, mask, states: train.TrainState,

@@ -79,6 +79,73 @@ def variant_label(variant: str, fixed_fraction: float, pruning_fraction: float) 
           "pruning": f"pruning at init ({100 * pruning_fraction:.0f} %)"}.get(variant, variant)
 
 
+VARIANT_NAMES = {"tna": "TNA-PFN", "pruning": "pruning at init"}
+RATIO_KEYS = {"tna": "mask.fixed_fraction", "pruning": "pruning_fraction"}  # the ratio each variant's label names
+AXIS_LABELS = {
+    "mask.fixed_fraction": "mask ratio (fraction of entries fixed)",
+    "mask.fixed_fraction+pruning_fraction": "mask ratio (fraction of entries fixed, or pruned)",
+    "pruning_fraction": "fraction of entries pruned at init",
+    "model.width": "width (units per hidden layer)",
+    "model.width_multiplier": "width multiplier",
+    "model.depth": "depth (hidden layers)",
+    "mask.include": "masked layers",
+    "mask.granularity": "mask granularity",
+    "optimizer.learning_rate": "learning rate",
+    "num_epochs": "training epochs",
+    "num_models": "models fused (K)",
+}
+SWEEP_PANELS = (("loss_barrier", "loss barrier"), ("accuracy_barrier_pp", "accuracy barrier (pp)"),
+                ("mean_endpoint_accuracy", "test accuracy of the models (%)"))
+# Against the number of models K: the barriers over all pairs, and the K-way weight average's accuracy.
+K_MODEL_PANELS = (("loss_barrier_mean", "loss barrier, mean over pairs"),
+                  ("accuracy_barrier_pp_max", "accuracy barrier (pp), worst pair"),
+                  ("fused_accuracy", "accuracy of the K-way average (%)"))
+
+
+def series_label(row: dict, x_keys: Sequence[str], other_keys: Sequence[str], show_curve: bool) -> str:
+  """A line of a sweep figure as a reader names it: 'TNA-PFN (40 % fixed)', or 'TNA-PFN' when
+  the x-axis is its ratio, then the curve's BN mode (when curves differ) and the values of
+  the grid's other axes ('width 64')."""
+  variant = row["variant"]
+  label = VARIANT_NAMES.get(variant, variant) if RATIO_KEYS.get(variant) in x_keys else row["label"]
+  if show_curve:
+    label += f" ({row['curve']})"
+  return label + "".join(f", {key.rsplit('.', 1)[-1]} {row[key]}" for key in other_keys)
+
+
+def plot_sweep(path: files.PathLike, summary: Sequence[dict], x_keys: Sequence[str], other_keys: Sequence[str],
+               title: str) -> None:
+  """Each panel a metric's mean against the axis `x_keys` (their shared value), one line per
+  series (`series_label`), its band one standard deviation over seeds either side. An axis
+  of names (granularity, layer presets) is drawn as categories in grid order. The panels
+  are `SWEEP_PANELS`, or `K_MODEL_PANELS` against the number of models."""
+  if not sharding.is_writer():
+    return
+  panels = K_MODEL_PANELS if x_keys[0] == "num_models" else SWEEP_PANELS
+  x = x_keys[0]
+  ticks = list(dict.fromkeys(row[x] for row in summary))
+  categorical = any(isinstance(t, str) for t in ticks)
+  show_curve = len({row["curve"] for row in summary}) > 1
+  series: dict[str, list[dict]] = {}
+  for row in summary:
+    series.setdefault(series_label(row, x_keys, other_keys, show_curve), []).append(row)
+  fig, axes = pyplot().subplots(1, len(panels), figsize=(5 * len(panels), 4))
+  for ax, (metric, ylabel) in zip(axes, panels):
+    for label, rows in series.items():
+      rows = sorted((r for r in rows if metric in r), key=lambda r: ticks.index(r[x]) if categorical else r[x])
+      if not rows:
+        continue
+      xs = [ticks.index(r[x]) if categorical else r[x] for r in rows]
+      mean = np.array([r[metric] for r in rows])
+      std = np.array([r[f"{metric}_std"] for r in rows])
+      line, = ax.plot(xs, mean, marker="o", label=label)
+      ax.fill_between(xs, mean - std, mean + std, color=line.get_color(), alpha=0.2, linewidth=0)
+    if categorical:
+      ax.set_xticks(range(len(ticks)), ticks)
+    ax.set(xlabel=AXIS_LABELS.get("+".join(x_keys), AXIS_LABELS.get(x, x)), ylabel=ylabel)
+  save_figure(fig, axes, path, title)
+
+
 def pyplot():
   """matplotlib.pyplot on the Agg backend (no display needed). Imported on first use: the
   backend must be chosen before pyplot loads, and runs that plot nothing skip the import."""

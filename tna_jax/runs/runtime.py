@@ -35,16 +35,10 @@ import jax
 import numpy as np
 
 from tna_jax.core import sharding
-from tna_jax.errors import TnaError
+from tna_jax.errors import DivergedError  # re-exported: runs raise it from Phase.record
 from tna_jax.runs import checkpoints, files, metric_writer, reporting, workdir
 
 PyTree = Any
-
-
-class DivergedError(TnaError):
-  """Training produced a non-finite loss; the last good checkpoint is kept."""
-
-  exit_code = 3
 
 
 class Run:
@@ -87,11 +81,12 @@ class Run:
     sharding.barrier("tna_run_started")
     self.writer = metric_writer.MetricWriter(self.dir)
 
-  def phase(self, name: str, *, total: int, unit: str, names: Sequence[str] = ()) -> "Phase":
-    """A resumable loop of `total` steps (epochs or rounds) with its own checkpoints."""
+  def phase(self, name: str, *, total: int, unit: str, names: Sequence[str] = (), every: int | None = None) -> "Phase":
+    """A resumable loop of `total` steps (epochs or rounds) with its own checkpoints, every
+    `every` steps (default: the config's `checkpoint.every`)."""
     if self.writer is None:
       raise RuntimeError("Run.start() must come before Run.phase()")
-    phase = Phase(self, name, total=total, unit=unit, names=names)
+    phase = Phase(self, name, total=total, unit=unit, names=names, every=every)
     self._phases.append(phase)
     return phase
 
@@ -131,11 +126,12 @@ class Run:
 class Phase:
   """A checkpointed loop: restore, then `record` each step; see `Run.phase`."""
 
-  def __init__(self, run: Run, name: str, *, total: int, unit: str, names: Sequence[str] = ()):
+  def __init__(self, run: Run, name: str, *, total: int, unit: str, names: Sequence[str] = (),
+               every: int | None = None):
     cfg = run.config.checkpoint
     self.run, self.name, self.total, self.unit, self.names = run, name, total, unit, list(names)
     self.checkpoints = checkpoints.StepCheckpoints(
-        run.path("checkpoints", name), keep=cfg.keep, every=cfg.every, every_minutes=cfg.every_minutes,
+        run.path("checkpoints", name), keep=cfg.keep, every=every or cfg.every, every_minutes=cfg.every_minutes,
         last=total, asynchronous=run.asynchronous)
     self.history: list[dict] = []
     self._kill_after = os.environ.get("TNA_KILL_AFTER", "")
