@@ -27,7 +27,7 @@ def get_config(arg=None):
       init="flax",  # flax | torch (the authors' PyTorch defaults) | he: see docs/config_keys.md
       depth=2,  # mlp: hidden layers
       width=200,  # mlp: units per hidden layer
-      width_multiplier=1.0,  # resnet20, vgg*: channels times this
+      width_multiplier=1.0,  # cnn, resnet20, vgg*: channels times this
       norm="batchnorm",  # resnet20: batchnorm | layernorm | none
   ))
 

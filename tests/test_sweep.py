@@ -19,7 +19,7 @@ from tna_jax.config import grid, loader, schema
 from tna_jax.core import data, execution, models, sharding, train
 from tna_jax.errors import ConfigError
 from tna_jax.experiments import sweep
-from tna_jax.runs import aggregate
+from tna_jax.runs import aggregate, plan
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 # The columns sweep_rows.csv documents (README, "Sweeps"), in order, for an MLP without alignment.
@@ -185,3 +185,19 @@ def test_report_combines_a_sweep_and_an_lmc_run(tiny_sweep, tmp_path):
   bad = subprocess.run([sys.executable, "-m", "tna_jax.report", str(tmp_path / "nothing"), f"--out={out}"],
                        cwd=ROOT, capture_output=True, text=True, timeout=300)
   assert bad.returncode == 2 and "has no results.json" in bad.stderr and "Traceback" not in bad.stderr
+
+
+def test_the_dry_run_plan_estimates_each_compiled_program_and_their_sum(monkeypatch):
+  # Each program's estimate is `plan._time_estimates` (compiled and checked for lmc in test_main);
+  # here, that the sweep's plan has one per program, with its models, and sums them.
+  estimated = []
+
+  def estimate(config, model, variables, num_models, *args):
+    estimated.append((config.model.width, num_models))
+    return {}, {"1 x cpu": 100.0 * config.model.width}
+
+  monkeypatch.setattr(plan, "_time_estimates", estimate)
+  out = plan.plan(tiny_config())  # widths 8 and 16: two programs of 12 models each
+  assert estimated == [(8, 12), (16, 12)] and out["models_trained_together"] == 24
+  assert out["program 0"] == "12 models of 6,370 parameters, 800 s on 1 x cpu" and "program 2" not in out
+  assert out["estimated_run (1 x cpu)"] == "2,400 s (40.0 min)"

@@ -17,7 +17,8 @@ from tna_jax.errors import ConfigError
 # (model config, input shape): tiny widths, the real structure (names, depth, shortcuts).
 TINY_MODELS = {
     "mlp": ({"name": "mlp", "depth": 2, "width": 8}, (6, 6, 1)),
-    "cnn": ({"name": "cnn"}, (28, 28, 1)),  # VALID convs need 28x28; its fc1 reads a flattened 3x3x64 map
+    # VALID convs need 28x28; its fc1 reads a flattened 3x3x16 map (channels 32/64/64 x 0.25)
+    "cnn": ({"name": "cnn", "width_multiplier": 0.25}, (28, 28, 1)),
     "resnet20-batchnorm": ({"name": "resnet20", "norm": "batchnorm", "width_multiplier": 0.25}, (8, 8, 3)),
     "resnet20-layernorm": ({"name": "resnet20", "norm": "layernorm", "width_multiplier": 0.25}, (8, 8, 3)),
     "resnet20-none": ({"name": "resnet20", "norm": "none", "width_multiplier": 0.25}, (8, 8, 3)),
@@ -136,7 +137,7 @@ def test_inverse_undoes_a_permutation(permuted):
 def test_specs_name_the_permutations_of_each_model():
   expected = {
       "mlp": (("fc1", 8), ("fc2", 8)),
-      "cnn": (("conv1", 32), ("conv2", 64), ("conv3", 64), ("fc1", 64)),
+      "cnn": (("conv1", 8), ("conv2", 16), ("conv3", 16), ("fc1", 16)),
       "vgg11": tuple((f"conv{i}", w) for i, w in enumerate((4, 8, 16, 16, 32, 32, 32, 32), 1))
                + (("fc1", 32), ("fc2", 32)),
   }

@@ -164,7 +164,7 @@ KEYS: tuple[Key, ...] = (
     Key("model.name", str, "architecture", experiments=FINETUNE, choices=_FINETUNE_MODELS),
     _model_knob("depth", "hidden layers (mlp) or encoder blocks (transformers)", int, low=0),
     _model_knob("width", "units per hidden layer (mlp) or token width (transformers)", int, low=1),
-    _model_knob("width_multiplier", "channel multiplier (ResNet20: 16/32/64 x this)", float, low=0, low_open=True),
+    _model_knob("width_multiplier", "channel multiplier (ResNet20: 16/32/64 x this; cnn: 32/64/64 and fc 64 x this)", float, low=0, low_open=True),
     _model_knob("norm", "normalization layers", str, choices=models.NORMS),
     _model_knob("patch_size", "ViT patch size", int, low=1),
     _model_knob("num_heads", "attention heads (divides model.width)", int, low=1),

@@ -46,13 +46,20 @@ class MLP(nn.Module):
     return nn.Dense(self.num_classes, name="head")(x)
 
 
+def scaled(width_multiplier: float, width: int) -> int:
+  """A hidden width times the model's `width_multiplier`, at least 1 unit."""
+  return max(1, round(width * width_multiplier))
+
+
 class CNN(nn.Module):
   """The paper's small CNN: conv32-pool-conv64-pool-conv64-fc64-head.
 
   Convs use 'VALID' padding as in the original, which still leaves 3x3 (28x28 inputs) or
-  4x4 (32x32 inputs) feature maps. Layers: conv1..conv3, fc1, head.
+  4x4 (32x32 inputs) feature maps. Layers: conv1..conv3, fc1, head. `width_multiplier`
+  scales every hidden width (at least 1 unit), for width sweeps; 1 is the paper's CNN.
   """
   num_classes: int
+  width_multiplier: float = 1.0
 
   @nn.compact
   def __call__(self, x: jax.Array, train: bool) -> jax.Array:
@@ -60,9 +67,9 @@ class CNN(nn.Module):
     for i, features in enumerate((32, 64, 64)):
       if i > 0:
         x = nn.max_pool(x, (2, 2), strides=(2, 2))
-      x = nn.relu(nn.Conv(features, (3, 3), padding="VALID", name=f"conv{i + 1}")(x))
+      x = nn.relu(nn.Conv(scaled(self.width_multiplier, features), (3, 3), padding="VALID", name=f"conv{i + 1}")(x))
     x = x.reshape((x.shape[0], -1))
-    x = nn.relu(nn.Dense(64, name="fc1")(x))
+    x = nn.relu(nn.Dense(scaled(self.width_multiplier, 64), name="fc1")(x))
     return nn.Dense(self.num_classes, name="head")(x)
 
 
@@ -147,9 +154,6 @@ class VGG(nn.Module):
   layers: tuple[int | str, ...]  # E.g. VGG_LAYERS['vgg16'].
   width_multiplier: float = 1.0
 
-  def _scaled(self, width: int) -> int:
-    return max(1, round(width * self.width_multiplier))
-
   @nn.compact
   def __call__(self, x: jax.Array, train: bool) -> jax.Array:
     del train  # No layer behaves differently in training.
@@ -159,10 +163,10 @@ class VGG(nn.Module):
         x = nn.max_pool(x, (2, 2), strides=(2, 2), padding="SAME")
       else:
         num_convs += 1
-        x = nn.relu(nn.Conv(self._scaled(layer), (3, 3), padding=1, name=f"conv{num_convs}")(x))
+        x = nn.relu(nn.Conv(scaled(self.width_multiplier, layer), (3, 3), padding=1, name=f"conv{num_convs}")(x))
     x = x.reshape((x.shape[0], -1))
     for i in range(2):
-      x = nn.relu(nn.Dense(self._scaled(512), name=f"fc{i + 1}")(x))
+      x = nn.relu(nn.Dense(scaled(self.width_multiplier, 512), name=f"fc{i + 1}")(x))
     return nn.Dense(self.num_classes, name="head")(x)
 
 
@@ -170,7 +174,7 @@ class VGG(nn.Module):
 # keep the class defaults, so each default is written once, on the class.
 _REGISTRY: dict[str, tuple[type[nn.Module], tuple[str, ...], dict[str, Any]]] = {
     "mlp": (MLP, ("depth", "width"), {}),
-    "cnn": (CNN, (), {}),
+    "cnn": (CNN, ("width_multiplier",), {}),
     "resnet20": (ResNet20, ("width_multiplier", "norm"), {}),
     **{name: (VGG, ("width_multiplier",), {"layers": layers})
        for name, layers in VGG_LAYERS.items()},

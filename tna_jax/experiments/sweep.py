@@ -108,9 +108,14 @@ def plan(config) -> tuple[list[list[Job]], dict[str, tuple[int, int]]]:
   return list(programs.values()), where
 
 
+def planned_programs(config) -> list[tuple[ml_collections.ConfigDict, int]]:
+  """(config, models) of each compiled training program, for `main --dry_run`'s estimates."""
+  return [(jobs[0].config, jobs[0].config.num_models * len(jobs)) for jobs in plan(config)[0]]
+
+
 def planned_models(config) -> int:
   """Models the sweep trains (each distinct one once), for `main --dry_run`."""
-  return sum(jobs[0].config.num_models * len(jobs) for jobs in plan(config)[0])
+  return sum(count for _, count in planned_programs(config))
 
 
 def run(config, workdir_path: str) -> dict[str, Any]:
@@ -121,7 +126,7 @@ def run(config, workdir_path: str) -> dict[str, Any]:
     dataset = data.load_dataset(config.dataset, config.data_dir, config.num_train or None, config.num_test or None)
     train.check_batch_size(config.batch_size, len(dataset.train_labels))
     programs, where = plan(config)
-    num_models = sum(jobs[0].config.num_models * len(jobs) for jobs in programs)
+    num_models = planned_models(config)
     print(f"Sweep: {len(grid.points(axes(config)))} points x {config.sweep.seeds} seeds; {num_models} distinct "
           f"models in {len(programs)} compiled training programs")
     run.start()

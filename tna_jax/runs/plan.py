@@ -52,6 +52,10 @@ def plan(config, device: str | None = None, num_devices: int = 1) -> dict[str, A
   num_train = min(config.get("num_train") or spec[0], spec[0])
   image_shape, num_classes = spec[2], spec[3]
   num_models = module.planned_models(config) if hasattr(module, "planned_models") else 1
+  if hasattr(module, "planned_programs") and len(module.planned_programs(config)) > 1:
+    out["models_trained_together"] = num_models
+    out.update(_programs(module.planned_programs(config), num_train, spec, device, num_devices))
+    return out
   model = models.get_model(config.model, num_classes)
   variables = jax.eval_shape(functools.partial(models.init_variables, model, jax.random.key(0), image_shape))
   num_params = sum(x.size for x in jax.tree.leaves(variables["params"]))
@@ -68,14 +72,36 @@ def plan(config, device: str | None = None, num_devices: int = 1) -> dict[str, A
   if "num_epochs" in config:
     num_test = min(config.get("num_test") or spec[1], spec[1])
     out.update(_time_estimates(config, model, variables, num_models, num_train, num_test, image_shape, device,
-                               num_devices))
+                               num_devices)[0])
+  return out
+
+
+def _programs(programs: list[tuple[Any, int]], num_train: int, spec, device: str | None,
+              num_devices: int) -> dict[str, Any]:
+  """A sweep's plan: per compiled training program (its config and model count), the models,
+  their parameters and the program's estimated time; then the estimated time of them all."""
+  out: dict[str, Any] = {}
+  totals: dict[str, float] = {}
+  num_test = min(programs[0][0].get("num_test") or spec[1], spec[1])
+  for i, (config, num_models) in enumerate(programs):
+    model = models.get_model(config.model, spec[3])
+    variables = jax.eval_shape(functools.partial(models.init_variables, model, jax.random.key(0), spec[2]))
+    num_params = sum(x.size for x in jax.tree.leaves(variables["params"]))
+    _, seconds = _time_estimates(config, model, variables, num_models, num_train, num_test, spec[2], device,
+                                 num_devices)
+    out[f"program {i}"] = (f"{num_models} models of {num_params:,} parameters, " +
+                           ", ".join(f"{_seconds(s)} on {name}" for name, s in seconds.items()))
+    for name, s in seconds.items():
+      totals[name] = totals.get(name, 0.0) + s
+  out.update({f"estimated_run ({name})": _seconds(s) for name, s in totals.items()})
   return out
 
 
 def _time_estimates(config, model, variables, num_models: int, num_train: int, num_test: int, image_shape,
-                    device: str | None, num_devices: int) -> dict[str, Any]:
+                    device: str | None, num_devices: int) -> tuple[dict[str, Any], dict[str, float]]:
   """FLOPs of a training epoch and an evaluation of all models, and the seconds per epoch
-  and per run they take at the peak of the current devices (and of `num_devices` x `device`)."""
+  and per run they take at the peak of the current devices (and of `num_devices` x `device`):
+  (the plan's lines, {devices: seconds of the run})."""
   mesh = sharding.make_mesh(num_models, config.batch_size, devices=jax.devices()[:1])
   channels = image_shape[-1]
   mean, std = (0.5,) * channels, (0.25,) * channels  # values do not change the FLOPs
@@ -105,14 +131,16 @@ def _time_estimates(config, model, variables, num_models: int, num_train: int, n
   if device is not None:
     peak = flops.PEAKS[device]
     targets.append((f"{num_devices} x {device}", peak.bf16 or peak.fp32, num_devices))
+  run_seconds = {}
   for name, peak, count in targets:
     if peak:
       rate = f"{peak / 1e12:.3g} TFLOP/s" if peak >= 1e12 else f"{peak / 1e9:.3g} GFLOP/s"
       out[f"estimated_epoch ({name} at {rate} each)"] = _seconds(epoch_flops / (peak * count))
-      out[f"estimated_run ({name})"] = _seconds(epoch_flops * config.num_epochs / (peak * count))
+      run_seconds[name] = epoch_flops * config.num_epochs / (peak * count)
+      out[f"estimated_run ({name})"] = _seconds(run_seconds[name])
     else:
       out[f"estimated_epoch ({name})"] = "unknown (no peak known for this device)"
-  return out
+  return out, run_seconds
 
 
 def _step_memory(model, opt_config, variables, num_models: int, batch_size: int, image_shape) -> dict[str, float]:
