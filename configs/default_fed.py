@@ -45,7 +45,7 @@ def get_config(arg=None):
   config.mask = ml_collections.ConfigDict(dict(
       fixed_fraction=0.4,  # FedPFN/FedPNU: fraction of entries clients hold fixed (the paper's mask ratio)
       granularity="weight", include="", exclude="", seed=0,
-      redraw="fixed",  # fixed: one mask for the run | per_round: the server draws a new one every round
+      redraw="never",  # never: one mask for the run | every_round: the server draws a new one every round
   ))
   config.server = ml_collections.ConfigDict(dict(
       learning_rate=1.0,  # SGD servers: global step = learning_rate * (weighted mean client update, with momentum)

@@ -170,13 +170,13 @@ def test_from_config_draws_the_mask_the_hand_unpacked_call_draws(overrides):
 
 
 def test_mask_spec_round_trip_and_redraw():
-  federated = _mask_section(granularity="neuron", include="kernel", redraw="per_round")
+  federated = _mask_section(granularity="neuron", include="kernel", redraw="every_round")
   spec = masks.MaskSpec.from_config(federated)
   assert dataclasses.asdict(spec) == federated.to_dict()
   assert masks.MaskSpec.from_config(dataclasses.asdict(spec)) == spec
   assert hash(masks.MaskSpec.from_config(federated)) == hash(spec)  # a static argument of a compiled round
   # The lmc and soup configs have no `redraw`: one mask for the run.
-  assert masks.MaskSpec.from_config(_mask_section()).redraw == "fixed"
+  assert masks.MaskSpec.from_config(_mask_section()).redraw == "never"
   spec = masks.MaskSpec.from_config(_mask_section())
   params = _params()
   jax.tree.map(np.testing.assert_array_equal, spec.draw(params),
@@ -184,7 +184,7 @@ def test_mask_spec_round_trip_and_redraw():
   redrawn = jax.jit(spec.draw)(params, jnp.uint32(spec.seed + 1))  # a traced seed, as a federated round has
   jax.tree.map(np.testing.assert_array_equal, redrawn,
                masks.fixed_mask(params, spec.fixed_fraction, seed=spec.seed + 1))
-  with pytest.raises(ConfigError, match="mask.redraw='always'.*fixed, per_round"):
+  with pytest.raises(ConfigError, match="mask.redraw='always'.*never, every_round"):
     masks.MaskSpec(redraw="always")
 
 

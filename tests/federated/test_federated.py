@@ -1,5 +1,6 @@
 """Federated learning: partitions, the compiled round, the algorithms' defining properties, resume."""
 
+import dataclasses
 import json
 import os
 import subprocess
@@ -45,6 +46,11 @@ def _round(model, tx, parts, *, batch_size=32, local_epochs=1, **spec):
 
 def _leaves(tree):
   return [np.asarray(x) for x in jax.tree.leaves(tree)]
+
+
+def _flat(tree):
+  """All leaves of a tree in one flat array."""
+  return np.concatenate([x.ravel() for x in _leaves(tree)])
 
 
 def _assert_trees_equal(a, b):
@@ -217,44 +223,66 @@ def test_fedpfn_never_moves_a_frozen_entry_on_any_client_nor_on_the_server():
     assert (after[~fixed] != before[~fixed]).mean() > 0.5
 
 
-def test_fedpnu_trains_with_the_mask_then_with_its_reverse():
+def test_fedpnu_trains_with_the_round_s_redrawn_mask_then_with_its_reverse():
   images, labels = _dataset(256)
   model, variables, tx = _setup()
-  spec = masks.MaskSpec(fixed_fraction=0.4, seed=5)
+  spec = masks.MaskSpec(fixed_fraction=0.4, seed=5, redraw="every_round")
   state = algorithms.init(algorithms.parse("fedpnu"), variables, spec, local_epochs=2)
   assert int(state.hyper.reverse_epoch) == 1  # int(2 / 2)
-  after, _ = _round(model, tx, [np.arange(256)], local_epochs=2)(state, jnp.asarray(images), jnp.asarray(labels))
+  round_fn = _round(model, tx, [np.arange(256)], local_epochs=2, mask=spec)
+  start, _ = round_fn(state, jnp.asarray(images), jnp.asarray(labels))  # round 0; round 1 is checked
+  after, _ = round_fn(start, jnp.asarray(images), jnp.asarray(labels))
+  mask = after.mask  # the mask of round 1
+  assert not np.array_equal(_leaves(mask)[0], _leaves(start.mask)[0])
 
   epoch = jax.jit(train.make_epoch_fn(model, tx, batch_size=32, mean=MEAN, std=STD))
-  central = train.init_train_state(tx, variables, state.mask)
-  keys = [jax.random.fold_in(algorithms.client_key(0, 0, 0), e) for e in range(2)]
+  central = train.init_train_state(tx, {"params": start.params}, mask)
+  keys = [jax.random.fold_in(algorithms.client_key(0, 1, 0), e) for e in range(2)]
   half, _ = epoch(central, keys[0], jnp.asarray(images), jnp.asarray(labels))
-  full, _ = epoch(half.replace(fixed=masks.reverse(state.mask)), keys[1], jnp.asarray(images), jnp.asarray(labels))
+  full, _ = epoch(half.replace(fixed=masks.reverse(mask)), keys[1], jnp.asarray(images), jnp.asarray(labels))
   _assert_trees_close(after.params, full.params)
-  for start, mid, end, fixed in zip(_leaves(variables["params"]), _leaves(half.params), _leaves(full.params),
-                                    _leaves(state.mask)):
-    np.testing.assert_array_equal(mid[fixed], start[fixed])  # first half: the mask holds
+  for begin, mid, end, fixed in zip(_leaves(start.params), _leaves(half.params), _leaves(full.params), _leaves(mask)):
+    np.testing.assert_array_equal(mid[fixed], begin[fixed])  # first half: the mask holds
     np.testing.assert_array_equal(end[~fixed], mid[~fixed])  # second half: its reverse holds
     assert (end[fixed] != mid[fixed]).mean() > 0.5
 
 
-def test_mask_redrawn_each_round_and_clients_sampled_each_round():
+@pytest.mark.parametrize("redraw", masks.REDRAWS)
+def test_entries_frozen_in_a_round_keep_their_values_from_its_start_and_clients_are_sampled_each_round(redraw):
+  # With one local epoch FedPFN holds the round's mask, FedPNU its reverse from the start
+  # (int(1 / 2) = 0); all three algorithms share one compiled round.
   images, labels = _dataset(400)
   parts = partition.partition(labels, "iid", 8, seed=0)
   model, variables, tx = _setup()
-  spec = masks.MaskSpec(fixed_fraction=0.4, seed=1, redraw="per_round")
+  spec = masks.MaskSpec(fixed_fraction=0.4, seed=1, redraw=redraw)
   round_fn = _round(model, tx, parts, clients_per_round=3, sample_seed=4, mask=spec)
-  pfn = algorithms.init(algorithms.parse("fedpfn"), variables, spec, local_epochs=1)
-  avg = algorithms.init(algorithms.parse("fedavg"), variables, spec, local_epochs=1)
-  masks_seen, clients_seen = [], []
+  states = {name: algorithms.init(algorithms.parse(name), variables, spec, local_epochs=1)
+            for name in ("fedpfn", "fedpnu", "fedavg")}
+  params_seen = {name: [_flat(variables["params"])] for name in states}  # at the start of each round, and after
+  frozen_seen, clients_seen = {name: [] for name in states}, []
   for _ in range(2):
-    pfn, metrics = round_fn(pfn, jnp.asarray(images), jnp.asarray(labels))
-    avg, avg_metrics = round_fn(avg, jnp.asarray(images), jnp.asarray(labels))
-    masks_seen.append(_leaves(pfn.mask)[0])
-    clients_seen.append(np.asarray(metrics["clients"]))
-    np.testing.assert_array_equal(metrics["clients"], avg_metrics["clients"])  # same clients for every algorithm
-    assert masks.fraction_fixed(avg.mask) == 0.0  # unmasked algorithms ignore the redraw
-  assert not np.array_equal(*masks_seen)
+    for name, state in states.items():
+      states[name], metrics = round_fn(state, jnp.asarray(images), jnp.asarray(labels))
+      frozen = _flat(states[name].mask if name != "fedpnu" else masks.reverse(states[name].mask))
+      start, end = params_seen[name][-1], _flat(states[name].params)
+      np.testing.assert_array_equal(end[frozen].view(np.uint32), start[frozen].view(np.uint32))
+      assert (end[~frozen] != start[~frozen]).mean() > 0.9
+      params_seen[name].append(end)
+      frozen_seen[name].append(frozen)
+      if name == "fedpfn":
+        clients_seen.append(np.asarray(metrics["clients"]))
+      np.testing.assert_array_equal(metrics["clients"], clients_seen[-1])  # the same clients for every algorithm
+  assert not any(frozen_seen["fedavg"][0])  # unmasked algorithms ignore the redraw
+  for name in ("fedpfn", "fedpnu"):
+    if redraw == "never":  # one mask: its frozen entries never leave their initial values
+      assert np.array_equal(*frozen_seen[name])
+      first, last = params_seen[name][0], params_seen[name][-1]
+      np.testing.assert_array_equal(last[frozen_seen[name][0]].view(np.uint32),
+                                    first[frozen_seen[name][0]].view(np.uint32))
+    else:  # a new mask each round, and the entries it releases train again
+      assert not np.array_equal(*frozen_seen[name])
+      released = frozen_seen[name][0] & ~frozen_seen[name][1]
+      assert released.sum() > 100 and (params_seen[name][2][released] != params_seen[name][1][released]).mean() > 0.9
   assert all(len(set(c)) == 3 and list(c) == sorted(c) for c in clients_seen)
   assert not np.array_equal(*clients_seen)
   sampling = algorithms.RoundSpec(batch_size=32, local_epochs=1, clients_per_round=3, sample_seed=4)
@@ -262,10 +290,35 @@ def test_mask_redrawn_each_round_and_clients_sampled_each_round():
 
 
 @pytest.mark.parametrize("name,error", [("fedsgd", "algorithm='fedsgd'"), ("fedpfn+momentum", "modifier"),
-                                        ("fedpfn+prox+prox", "repeats"), ("fedadam+m", "SGD servers only")])
-def test_unknown_algorithms_are_clear_errors(name, error):
+                                        ("fedpfn+prox+prox", "repeats"), ("fedadam+m", "SGD servers only"),
+                                        ("fedavg@0.3", "only fedpfn and fedpnu"), ("fedpnu@1", "0 < ratio < 1"),
+                                        ("fedpfn@0", "0 < ratio < 1"), ("fedpnu@3o%", "0 < ratio < 1"),
+                                        ("fedpnu@", "0 < ratio < 1")])
+def test_unknown_algorithms_and_bad_mask_ratios_are_clear_errors(name, error):
   with pytest.raises(ConfigError, match=error):
     algorithms.parse(name)
+
+
+def test_an_algorithm_s_own_mask_ratio_is_the_one_its_clients_hold():
+  images, labels = _dataset(64)
+  model, variables, tx = _setup()
+  spec = algorithms.RoundSpec(batch_size=32, local_epochs=1, clients_per_round=1,
+                              mask=masks.MaskSpec(fixed_fraction=0.4, redraw="every_round"))
+  plain, own = algorithms.parse("fedpnu"), algorithms.parse("fedpfn+prox@0.8")
+  assert (plain.fixed_fraction, own.fixed_fraction, own.prox) == (None, 0.8, True)
+  assert own.label(spec.mask) == "FedPFN+prox (mask ratio 0.8, redrawn every round)"
+  assert plain.label(masks.MaskSpec()) == "FedPNU (mask ratio 0.4, never redrawn)"
+  assert algorithms.parse("fedavgm").label(spec.mask) == "FedAvgM"
+  # A mask drawn once lives in the state, so algorithms that differ only in ratio share a round.
+  never = dataclasses.replace(spec, mask=masks.MaskSpec(fixed_fraction=0.4))
+  assert never.for_algorithm(own) == never.for_algorithm(plain) == never != spec.for_algorithm(own)
+  state = algorithms.init(own, variables, spec.mask, local_epochs=1)
+  assert abs(masks.fraction_fixed(state.mask) - 0.8) < 0.05
+  # A mask redrawn every round is redrawn at the algorithm's ratio.
+  state, _ = algorithms.make_round(model, tx, client.pack([np.arange(64)]), spec.for_algorithm(own), mean=MEAN,
+                                   std=STD)(state, jnp.asarray(images), jnp.asarray(labels))
+  assert abs(masks.fraction_fixed(state.mask) - 0.8) < 0.05
+  assert not np.array_equal(_leaves(state.mask)[0], _leaves(own.mask_spec(spec.mask).draw(variables["params"]))[0])
 
 
 # --- the server optimizer -----------------------------------------------------------------
@@ -362,16 +415,21 @@ def _config(**overrides):
   return config
 
 
-def test_fed_run_writes_plots_and_summary_and_refuses_to_clobber(tmp_path):
+def test_fed_run_writes_plots_and_summary_and_refuses_to_clobber(tmp_path, capsys):
   # Preempted and resumed runs: tests/test_preemption.py.
-  config = _config()
+  config = _config(algorithms="fedavg,fedpfn+m@0.6,fedpnu@0.2")
   workdir = str(tmp_path / "run")
   results = fed.run(config, workdir)
   for png in ("accuracy.png", "label_distribution.png"):
     assert os.path.getsize(os.path.join(workdir, png)) > 1000
   with open(os.path.join(workdir, "results.json")) as f:
     summary = {row["algorithm"]: row for row in json.load(f)["summary"]}
-  assert set(summary) == {"fedavg", "fedpfn+m"} and 10 < summary["fedavg"]["final_accuracy"] <= 100
+  assert list(summary) == ["fedavg", "fedpfn+m@0.6", "fedpnu@0.2"]
+  assert 10 < summary["fedavg"]["final_accuracy"] <= 100 and "mask_ratio" not in summary["fedavg"]
+  # One row per ratio, each saying which mask it ran under.
+  assert [(row["mask_ratio"], row["mask_redraw"]) for row in list(summary.values())[1:]] == [(0.6, "never"),
+                                                                                             (0.2, "never")]
+  assert "FedPNU (mask ratio 0.2, never redrawn)" in capsys.readouterr().out
   assert [h["round"] for h in results["history"]["fedavg"]] == list(range(1, config.num_rounds + 1))
   with pytest.raises(ConfigError, match="results.json"):
     fed.run(config, workdir)
@@ -387,6 +445,7 @@ def test_bad_config_values_are_clear_errors_before_anything_is_written(tmp_path)
   for overrides, match in ((dict(algorithms="fedavg,fedbogus"), "fedbogus"),
                            (dict(client_fraction=0.0), "client_fraction=0.0"),
                            (dict(num_rounds=0), "num_rounds=0 must be >= 1"),
+                           (dict(algorithms="fedavg,fedpnu@1.5"), "fedpnu@1.5.*0 < ratio < 1"),
                            (dict(server=bad_server), "server.b2=1.0 is out of range")):
     with pytest.raises(ConfigError, match=match):
       fed.run(_config(**overrides), str(tmp_path / "bad"))

@@ -110,7 +110,7 @@ _adaptive_server = _server_optimizer("adam", "yogi")
 _ADAPTIVE = "an algorithm is fedadam or fedyogi"
 _FED_MASK_USED = "an algorithm is fedpfn or fedpnu"
 _MASK_FRACTION_USED = {"lmc": "variants has tna", "sweep": "variants has tna", "soup": "variants has tna",
-                       "cold": "variants has tna", "fed": _FED_MASK_USED}
+                       "cold": "variants has tna", "fed": "an algorithm is fedpfn or fedpnu without its own '@ratio'"}
 _MASK_USED = {**_MASK_FRACTION_USED, "lmc": "variants has tna or pruning", "sweep": "variants has tna or pruning"}
 
 
@@ -120,7 +120,7 @@ def _mask_used(config) -> bool:
 
 
 def _mask_fraction_used(config) -> bool:
-  return _fed_algorithm("masked")(config) if config.experiment == "fed" else _variant("tna")(config)
+  return _fed_algorithm("uses_config_ratio")(config) if config.experiment == "fed" else _variant("tna")(config)
 
 
 def _is(path: str, *values) -> Callable[[Any], bool]:
@@ -290,12 +290,14 @@ KEYS: tuple[Key, ...] = (
         "kinds refuse smaller clients", experiments=FED, low=1),
     Key("partition.seed", int, "seed of the partition", experiments=FED),
     Key("algorithms", str, "comma-separated algorithms compared on one partition and init; '+prox' adds the "
-        "proximal term, '+m' server momentum", experiments=FED, item=str, check_item=algorithms.parse,
-        form=f"{', '.join(algorithms.BASES)} with +{', +'.join(algorithms.MODIFIERS)}"),
+        "proximal term, '+m' server momentum, '@ratio' a masked algorithm's own mask ratio (fedpnu@0.3)",
+        experiments=FED, item=str, check_item=algorithms.parse,
+        form=f"{', '.join(algorithms.BASES)} with +{', +'.join(algorithms.MODIFIERS)}; fedpfn, fedpnu with @ratio, "
+        "0 < ratio < 1"),
     Key("prox_mu", float, "FedProx proximal weight", experiments=FED, low=0, applies=_fed_algorithm("prox"),
         condition="an algorithm has the proximal term"),
-    Key("mask.redraw", str, "one mask for the run, or a new one every round", choices=masks.REDRAWS,
-        experiments=FED, applies=_mask_used, condition=_FED_MASK_USED),
+    Key("mask.redraw", str, "never: one mask for the whole run; every_round: the server draws a new one each round",
+        choices=masks.REDRAWS, experiments=FED, applies=_mask_used, condition=_FED_MASK_USED),
     Key("server.learning_rate", float, "SGD servers (all but fedadam, fedyogi): step on the weighted mean client "
         "update", experiments=FED, low=0, low_open=True, applies=_server_optimizer("sgd"),
         condition="an algorithm has an SGD server"),

@@ -26,7 +26,7 @@ from tna_jax.errors import ConfigError, check_choice
 
 PyTree = Any
 GRANULARITIES = ("weight", "neuron")
-REDRAWS = ("fixed", "per_round")  # MaskSpec.redraw: one mask for the whole run, or a new one each federated round
+REDRAWS = ("never", "every_round")  # MaskSpec.redraw: one mask for the whole run, or a new one each federated round
 # `include` names for the authors' layer-wise masks: every layer, the input layer, the hidden ones, the output layer.
 LAYER_PRESETS = ("all", "first", "middle", "last")
 FIRST_LAYERS = ("conv1", "fc1", "embedding")  # the module reading the input, in the library's models
@@ -149,7 +149,7 @@ class MaskSpec:
   granularity: str = "weight"
   include: str = ""
   exclude: str = ""
-  redraw: str = "fixed"  # fixed: one mask for the whole run; per_round: a new mask each round
+  redraw: str = "never"  # never: one mask for the whole run; every_round: a new mask each round
 
   def __post_init__(self):
     check_choice("mask.redraw", self.redraw, REDRAWS)
@@ -160,7 +160,7 @@ class MaskSpec:
     since only federated configs have it)."""
     return cls(fixed_fraction=mask_config["fixed_fraction"], seed=mask_config["seed"],
                granularity=mask_config["granularity"], include=mask_config["include"],
-               exclude=mask_config["exclude"], redraw=mask_config.get("redraw", "fixed"))
+               exclude=mask_config["exclude"], redraw=mask_config.get("redraw", "never"))
 
   def draw(self, params: PyTree, seed: int | jax.Array | None = None) -> PyTree:
     """`fixed_mask` of `params` with this spec; `seed` (default: the spec's) may be traced,

@@ -31,7 +31,7 @@ from tna_jax.runs import reporting, runtime
 RESUMABLE_CHANGES = ("algorithms", "final_rounds", "eval_batch_size")
 
 TABLE_COLUMNS = (
-    ("algorithm", "algorithm", "s"),
+    ("algorithm", "label", "s"),
     ("final acc %", "final_accuracy", ".2f"),
     ("best acc %", "best_accuracy", ".2f"),
     ("last round %", "last_accuracy", ".2f"),
@@ -66,7 +66,10 @@ def run(config, workdir: str) -> dict[str, Any]:
     mesh = sharding.make_mesh(spec.client_batch or spec.clients_per_round, config.batch_size)
     tx = optim.make_optimizer(config.optimizer, config.local_epochs * client.num_steps(clients.max_size,
                                                                                         config.batch_size))
-    round_fn = algorithms.make_round(model, tx, clients, spec, mean=dataset.mean, std=dataset.std, mesh=mesh)
+    compared = [algorithms.parse(name) for name in schema.values(config, "algorithms")]
+    round_fns = {algorithm_spec: algorithms.make_round(model, tx, clients, algorithm_spec, mean=dataset.mean,
+                                                       std=dataset.std, mesh=mesh)
+                 for algorithm_spec in {spec.for_algorithm(algorithm) for algorithm in compared}}
     train_set = tuple(sharding.shard_rows(a, mesh) for a in (dataset.train_images, dataset.train_labels))
     evaluate_fn = make_evaluate(model, dataset, counts, config)
 
@@ -76,17 +79,19 @@ def run(config, workdir: str) -> dict[str, Any]:
     print(f"Partition {config.partition.kind}: {len(parts)} clients, sizes {split['size_min']}..{split['size_max']} "
           f"(mean {split['size_mean']:.0f}), {split['classes_per_client_mean']:.1f} classes per client on average.")
     summaries, histories = [], {}
-    for algorithm in map(algorithms.parse, schema.values(config, "algorithms")):
+    for algorithm in compared:
       state = algorithms.init(algorithm, variables, spec.mask, local_epochs=config.local_epochs,
                               prox_mu=config.prox_mu, server=algorithms.ServerHyper(**config.server))
       phase = run.phase(algorithm.name, total=config.num_rounds, unit="round")
       with run.timed(algorithm.name):
-        histories[algorithm.name] = train_algorithm(phase, state, round_fn, train_set, evaluate_fn, config)
-      summaries.append(summarize(algorithm.name, histories[algorithm.name], config.final_rounds))
+        histories[algorithm.name] = train_algorithm(phase, state, round_fns[spec.for_algorithm(algorithm)], train_set,
+                                                    evaluate_fn, config)
+      summaries.append(summarize(algorithm, spec.mask, histories[algorithm.name], config.final_rounds))
 
     results = {"config": config.to_dict(), "partition": split, "summary": summaries, "history": histories}
     plot_accuracy(run.path("accuracy.png"), histories,
-                  f"{config.model.name} on {config.dataset}, {config.partition.kind} split, {len(parts)} clients")
+                  f"{config.model.name} on {config.dataset}, {config.partition.kind} split, {len(parts)} clients",
+                  {row["algorithm"]: row["label"] for row in summaries})
     run.finish(results, f"\nGlobal test accuracy ({config.num_rounds} rounds; final = mean of the last "
                f"{config.final_rounds} evaluations; local = test set reweighted to each client's labels, mean and worst "
                "client):\n" + reporting.format_table(summaries, TABLE_COLUMNS))
@@ -157,11 +162,13 @@ def train_algorithm(phase: runtime.Phase, state: algorithms.ServerState, round_f
   return phase.history
 
 
-def summarize(name: str, history: list[dict], final_rounds: int) -> dict[str, Any]:
-  """One table row: accuracy over the last `final_rounds` evaluations (the paper's measure)."""
+def summarize(algorithm: algorithms.Algorithm, mask_spec: masks.MaskSpec, history: list[dict],
+              final_rounds: int) -> dict[str, Any]:
+  """One table row: accuracy over the last `final_rounds` evaluations (the paper's measure),
+  and for masked algorithms the mask they ran under (ratio, redraw)."""
   tested = [h for h in history if "test_accuracy" in h]
   last = tested[-final_rounds:]
-  row = {"algorithm": name, "rounds": history[-1]["round"],
+  row = {"algorithm": algorithm.name, "label": algorithm.label(mask_spec), "rounds": history[-1]["round"],
          "final_accuracy": 100 * float(np.mean([h["test_accuracy"] for h in last])),
          "best_accuracy": 100 * max(h["test_accuracy"] for h in tested),
          "last_accuracy": 100 * tested[-1]["test_accuracy"],
@@ -169,19 +176,22 @@ def summarize(name: str, history: list[dict], final_rounds: int) -> dict[str, An
   if "client_accuracy" in last[-1]:
     local = 100 * np.mean([h["client_accuracy"] for h in last], axis=0)
     row.update(local_accuracy=float(local.mean()), worst_client_accuracy=float(local.min()))
+  if algorithm.masked:
+    row.update(mask_ratio=algorithm.mask_spec(mask_spec).fixed_fraction, mask_redraw=mask_spec.redraw)
   return row
 
 
-def plot_accuracy(path: str, histories: dict[str, list[dict]], title: str) -> None:
-  """Test accuracy and loss of the global model against the round, one line per algorithm."""
+def plot_accuracy(path: str, histories: dict[str, list[dict]], title: str, labels: dict[str, str]) -> None:
+  """Test accuracy and loss of the global model against the round, one line per algorithm,
+  named by `labels` (algorithm name -> its label)."""
   if not sharding.is_writer():
     return
   fig, (ax_acc, ax_loss) = reporting.pyplot().subplots(1, 2, figsize=(11, 4))
   for name, history in histories.items():
     tested = [h for h in history if "test_accuracy" in h]
     rounds = [h["round"] for h in tested]
-    ax_acc.plot(rounds, [100 * h["test_accuracy"] for h in tested], label=name)
-    ax_loss.plot(rounds, [h["test_loss"] for h in tested], label=name)
+    ax_acc.plot(rounds, [100 * h["test_accuracy"] for h in tested], label=labels[name])
+    ax_loss.plot(rounds, [h["test_loss"] for h in tested], label=labels[name])
   ax_acc.set(xlabel="round", ylabel="test accuracy (%)", title="global model accuracy")
   ax_loss.set(xlabel="round", ylabel="test loss", title="global model loss")
   reporting.save_figure(fig, (ax_acc, ax_loss), path, title)

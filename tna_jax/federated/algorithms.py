@@ -15,7 +15,9 @@ and a redrawn mask all derive from seeds and `state.round`.
 
 Names: fedavg, fedprox, fedpfn, fedpnu, fedavgm, fedadam, fedyogi, with modifiers '+prox'
 (add the proximal term) and '+m' (server momentum, SGD servers only), e.g. 'fedpfn+prox',
-'fedpnu+prox+m', 'fedadam+prox'.
+'fedpnu+prox+m', 'fedadam+prox'. A masked algorithm may carry its own mask ratio after '@'
+('fedpnu@0.3', 'fedpfn+prox@0.7'), so one run compares a ratio series; without it, the
+config's mask.fixed_fraction applies.
 """
 
 import dataclasses
@@ -33,6 +35,9 @@ from tna_jax.federated import client
 PyTree = Any
 BASES = ("fedavg", "fedprox", "fedpfn", "fedpnu", "fedavgm", "fedadam", "fedyogi")
 MODIFIERS = ("prox", "m")
+PAPER_NAMES = {"fedavg": "FedAvg", "fedprox": "FedProx", "fedpfn": "FedPFN", "fedpnu": "FedPNU", "fedavgm": "FedAvgM",
+               "fedadam": "FedAdam", "fedyogi": "FedYogi"}
+REDRAW_WORDS = {"never": "never redrawn", "every_round": "redrawn every round"}  # masks.REDRAWS in tables and plots
 
 
 @dataclasses.dataclass(frozen=True)
@@ -44,15 +49,36 @@ class Algorithm:
   mask: str = "none"  # none | pfn (mask every local epoch) | pnu (mask, then its reverse)
   server_optimizer: str = "sgd"  # a key of SERVER_OPTIMIZERS
   server_momentum: bool = False  # sgd only
+  fixed_fraction: float | None = None  # its own mask ratio ('fedpnu@0.3'); None = the config's mask.fixed_fraction
 
   @property
   def masked(self) -> bool:
     return self.mask != "none"
 
+  @property
+  def uses_config_ratio(self) -> bool:
+    """Whether its mask is drawn at the config's mask.fixed_fraction (masked, no '@ratio')."""
+    return self.masked and self.fixed_fraction is None
+
+  def mask_spec(self, spec: masks.MaskSpec) -> masks.MaskSpec:
+    """The run's mask spec at this algorithm's own ratio, where its name gives one."""
+    return spec if self.fixed_fraction is None else dataclasses.replace(spec, fixed_fraction=self.fixed_fraction)
+
+  def label(self, spec: masks.MaskSpec) -> str:
+    """How tables and plots name it, with the mask it ran under: 'FedAvg', 'FedPFN+prox (mask
+    ratio 0.4, never redrawn)', 'FedPNU (mask ratio 0.3, redrawn every round)'."""
+    base, *modifiers = self.name.partition("@")[0].split("+")
+    label = "+".join([PAPER_NAMES[base], *modifiers])
+    if not self.masked:
+      return label
+    return f"{label} (mask ratio {self.mask_spec(spec).fixed_fraction:g}, {REDRAW_WORDS[spec.redraw]})"
+
 
 def parse(name: str) -> Algorithm:
-  """Algorithm for 'base[+modifier...]', e.g. 'fedpnu+prox'; ConfigError for anything else."""
-  base, *modifiers = name.strip().split("+")
+  """Algorithm for 'base[+modifier...][@ratio]', e.g. 'fedpnu+prox' or 'fedpnu@0.3'; ConfigError for
+  anything else."""
+  head, at, ratio = name.strip().partition("@")
+  base, *modifiers = head.split("+")
   check_choice("algorithm", base, BASES)
   for modifier in modifiers:
     check_choice(f"modifier of algorithm {name!r}", modifier, MODIFIERS)
@@ -62,9 +88,25 @@ def parse(name: str) -> Algorithm:
   if "m" in modifiers and server_optimizer != "sgd":
     raise ConfigError(f"algorithm {name!r}: the modifier '+m' adds momentum to SGD servers only; {base}'s server "
                       "momentum is server.b1.")
-  return Algorithm(name=name.strip(), prox=base == "fedprox" or "prox" in modifiers,
-                   mask={"fedpfn": "pfn", "fedpnu": "pnu"}.get(base, "none"), server_optimizer=server_optimizer,
-                   server_momentum=base == "fedavgm" or "m" in modifiers)
+  mask = {"fedpfn": "pfn", "fedpnu": "pnu"}.get(base, "none")
+  return Algorithm(name=name.strip(), prox=base == "fedprox" or "prox" in modifiers, mask=mask,
+                   server_optimizer=server_optimizer, server_momentum=base == "fedavgm" or "m" in modifiers,
+                   fixed_fraction=_ratio(name, ratio, masked=mask != "none") if at else None)
+
+
+def _ratio(name: str, ratio: str, *, masked: bool) -> float:
+  """The mask ratio after '@' in algorithm `name`: a number in (0, 1), for fedpfn and fedpnu only."""
+  if not masked:
+    raise ConfigError(f"algorithm {name!r}: only fedpfn and fedpnu hold a mask, so only they take a mask ratio "
+                      "after '@' (e.g. 'fedpnu@0.3').")
+  try:
+    value = float(ratio)
+  except ValueError:
+    value = float("nan")
+  if not 0.0 < value < 1.0:
+    raise ConfigError(f"algorithm {name!r}: the mask ratio after '@' must be a number with 0 < ratio < 1 "
+                      "(e.g. 'fedpnu@0.3').")
+  return value
 
 
 class ClientHyper(flax.struct.PyTreeNode):
@@ -120,12 +162,13 @@ def init(algorithm: Algorithm, variables: dict, mask_spec: masks.MaskSpec, *, lo
   """The state before round 1: the shared initialization and the algorithm's settings.
 
   FedPNU clients switch to the reversed mask after int(local_epochs / 2) epochs; with one
-  local epoch that is from the start, as the rule says. prox_mu and server.momentum only
+  local epoch that is from the start, as the rule says. The mask is drawn at the algorithm's
+  own ratio where its name gives one ('fedpnu@0.3'). prox_mu and server.momentum only
   apply to algorithms that use them: the others get 0, so FedAvg's server is SGD without
   momentum in the same program as FedAvgM's.
   """
   params = variables["params"]
-  mask = mask_spec.draw(params, mask_spec.seed) if algorithm.masked else masks.no_mask(params)
+  mask = algorithm.mask_spec(mask_spec).draw(params) if algorithm.masked else masks.no_mask(params)
   hyper = ClientHyper(mu=jnp.float32(prox_mu if algorithm.prox else 0.0),
                       reverse_epoch=jnp.int32(local_epochs // 2 if algorithm.mask == "pnu" else local_epochs),
                       masked=jnp.bool_(algorithm.masked), lr_scale=jnp.float32(1.0))
@@ -147,6 +190,14 @@ class RoundSpec:
   lr_decay: float = 1.0  # the clients' learning rate is multiplied by lr_decay ** r in round r
   client_batch: int = 0  # clients vmapped at once (see client.map_clients); 0 = all
   mask: masks.MaskSpec = masks.MaskSpec()
+
+  def for_algorithm(self, algorithm: Algorithm) -> "RoundSpec":
+    """The spec of `algorithm`'s rounds: a mask redrawn every round is drawn at the algorithm's
+    own ratio. A mask drawn once lives in the state instead, so algorithms that differ only in
+    their ratio then keep sharing one spec, and one compiled round."""
+    if self.mask.redraw != "every_round":
+      return self
+    return dataclasses.replace(self, mask=algorithm.mask_spec(self.mask))
 
 
 def clients_of_round(spec: RoundSpec, num_clients: int, round_index: jax.Array) -> jax.Array:
@@ -198,7 +249,7 @@ def make_round(model, tx: optax.GradientTransformationExtraArgs, clients: client
   def round_fn(state: ServerState, clients: client.ClientData, images: jax.Array, labels: jax.Array):
     ids = clients_of_round(spec, clients.sizes.shape[0], state.round)
     mask = state.mask
-    if spec.mask.redraw == "per_round":
+    if spec.mask.redraw == "every_round":
       seed = jax.random.bits(jax.random.fold_in(jax.random.key(spec.mask.seed), state.round), (), jnp.uint32)
       mask = jax.tree.map(lambda m: m & state.hyper.masked, spec.mask.draw(state.params, seed))
     hyper = state.hyper.replace(lr_scale=jnp.float32(spec.lr_decay) ** state.round)
