@@ -9,12 +9,8 @@ from tna_jax.config import loader
 
 def get_config(arg=None):
   config = loader.defaults("sweep")
-  config.model.name = "mlp"
-  config.model.width = 200
   config.num_epochs = 6
   config.variants = "vanilla,tna"
-  config.mask.fixed_fraction = 0.4
   config.sweep.grid = "model.depth=1,2,3,4,6"
-  config.sweep.seeds = 3
   config.checkpoint.every = 6
   return loader.apply_preset(config, arg)

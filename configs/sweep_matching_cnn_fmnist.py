@@ -16,7 +16,6 @@ def get_config(arg=None):
   config.num_epochs = 4
   config.optimizer.learning_rate = 0.05
   config.variants = "vanilla,tna"
-  config.mask.fixed_fraction = 0.4
   config.align = "weight"
   config.sweep.grid = "model.width_multiplier=0.25,0.5,1,2"
   config.sweep.seeds = 2

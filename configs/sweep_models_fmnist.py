@@ -10,14 +10,9 @@ from tna_jax.config import loader
 
 def get_config(arg=None):
   config = loader.defaults("sweep")
-  config.model.name = "mlp"
-  config.model.depth = 2
-  config.model.width = 200
   config.num_epochs = 8
   config.variants = "vanilla,tna"
-  config.mask.fixed_fraction = 0.4
   config.sweep.grid = "num_models=2,4,8"
-  config.sweep.seeds = 3
   config.lmc.num_alphas = 11
   config.checkpoint.every = 4
   return loader.apply_preset(config, arg)

@@ -11,12 +11,7 @@ from tna_jax.config import loader
 
 def get_config(arg=None):
   config = loader.defaults("sweep")
-  config.model.name = "mlp"
-  config.model.depth = 2
-  config.model.width = 200
   config.num_epochs = 8
-  config.variants = "vanilla,tna,pruning"
   config.sweep.grid = "mask.fixed_fraction+pruning_fraction=0,0.1,0.2,0.3,0.4,0.5,0.6,0.7,0.8,0.9"
-  config.sweep.seeds = 3
   config.checkpoint.every = 4
   return loader.apply_preset(config, arg)

@@ -12,14 +12,10 @@ from tna_jax.config import loader
 
 def get_config(arg=None):
   config = loader.defaults("sweep")
-  config.model.name = "mlp"
-  config.model.depth = 2
   config.num_train = 30_000
   config.num_epochs = 5
   config.variants = "vanilla,tna"
-  config.mask.fixed_fraction = 0.4
   config.align = "weight"
   config.sweep.grid = "model.width=32,64,128,256,512,1024"
-  config.sweep.seeds = 3
   config.checkpoint.every = 5
   return loader.apply_preset(config, arg)

@@ -260,4 +260,5 @@ def write_outputs(run: runtime.Run, config, results: dict) -> None:
   sweep_axes = axes(config)
   if sweep_axes:
     reporting.plot_sweep(run.path("sweep.png"), summary, sweep_axes[0].keys, grid_keys(config)[len(sweep_axes[0].keys):],
-                         f"{config.model.name} on {config.dataset}: mean ± std over {config.sweep.seeds} seeds")
+                         f"{config.model.name} on {config.dataset}, {config.num_epochs} epochs: mean ± std over "
+                         f"{config.sweep.seeds} seeds")

@@ -142,6 +142,10 @@ def plot_sweep(path: files.PathLike, summary: Sequence[dict], x_keys: Sequence[s
       ax.fill_between(xs, mean - std, mean + std, color=line.get_color(), alpha=0.2, linewidth=0)
     if categorical:
       ax.set_xticks(range(len(ticks)), ticks)
+    elif min(ticks) > 0 and max(ticks) / min(ticks) >= 16:  # widths, learning rates: a log axis, ticks at the values
+      ax.set_xscale("log", base=2)
+      ax.set_xticks(ticks, [f"{t:g}" for t in ticks])
+      ax.minorticks_off()
     ax.set(xlabel=AXIS_LABELS.get("+".join(x_keys), AXIS_LABELS.get(x, x)), ylabel=ylabel)
   save_figure(fig, axes, path, title)
 
