@@ -37,7 +37,7 @@ def _fit(model, tx, states, seeds, ds, epochs=3, batch_size=64, eval_every=1):
 
 @pytest.mark.parametrize("model_cfg", [
     dict(name="mlp", depth=2, width=32),
-    dict(name="resnet20", norm="batchnorm", width_multiplier=1),
+    dict(name="resnet20", norm="batchnorm", width_multiplier=0.25),
 ])
 def test_models_trained_together_equal_models_trained_one_by_one(model_cfg):
   # Together = `fit` (on CPU the models run one after another inside the program) and the

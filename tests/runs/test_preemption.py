@@ -40,8 +40,8 @@ EXPERIMENTS = {
               "--config.batch_size=64", "--config.eval_batch_size=200"], "finetune_none:1"),
     "sweep": (["--config=configs/default_sweep.py:quick", "--config.num_train=512", "--config.num_test=200",
                "--config.model.depth=1", "--config.model.width=16", "--config.lmc.num_alphas=3",
-               "--config.sweep.grid=mask.fixed_fraction+pruning_fraction=0.2,0.4", "--config.sweep.seeds=2"],
-              "measure:2"),
+               "--config.sweep.grid=mask.fixed_fraction+pruning_fraction=0.2,0.4", "--config.sweep.seeds=1"],
+              "measure:1"),  # the resumed point reuses vanilla's measurement from the history
     "cold": (["--config=configs/cold_fmnist.py:quick", "--config.model.name=mlp", "--config.base.source=init",
               "--config.cold.rounds=2", "--config.cold.tasks=0/1/2,3/4/5", "--config.cold.unseen_tasks=6/7",
               "--config.cold.examples_per_task=128", "--config.num_test=200", "--config.batch_size=64",
