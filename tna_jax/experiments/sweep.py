@@ -48,6 +48,7 @@ PROGRAM_SECTIONS = ("model.", "optimizer.", "augment.")
 PROGRAM_KEYS = ("num_models", "num_epochs", "batch_size", "eval_every")
 MASK_KEYS = ("granularity", "include", "exclude", "seed")  # with the ratio: what draws a variant's mask
 
+
 class Job(NamedTuple):
   """The `num_models` models of one variant at one point and replicate, trained together."""
 
@@ -61,6 +62,7 @@ def validate(config) -> None:
 
 
 def axes(config) -> list[grid.Axis]:
+  """The axes of the config's `sweep.grid`."""
   return grid.parse(config.sweep.grid, schema.declared(config.experiment))
 
 
