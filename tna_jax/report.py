@@ -16,6 +16,7 @@ from typing import Any, Sequence
 
 from absl import app
 from absl import flags
+from absl import logging
 
 from tna_jax.errors import TnaError
 from tna_jax.runs import aggregate, files, reporting, workdir
@@ -106,6 +107,8 @@ def write_report(report: dict[str, Any], out: str) -> str:
 
 def main(argv: Sequence[str]) -> None:
   workdirs = argv[1:]
+  if not flags.FLAGS["verbosity"].present:  # absl's INFO lines (backend probing) would bury the table
+    logging.set_verbosity(logging.WARNING)
   if not workdirs:
     raise app.UsageError("name one or more workdirs of finished lmc or sweep runs: python -m tna_jax.report WORKDIR...")
   try:
