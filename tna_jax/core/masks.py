@@ -98,7 +98,8 @@ def layer_regex(include: str, params: PyTree) -> str:
   selected = {"all": names, "first": first, "last": [LAST_LAYER],
               "middle": [n for n in names if n not in (first[0], LAST_LAYER)]}[include]
   if not selected:
-    raise ConfigError(f"mask.include={include!r}: this model has no {include} layers (its modules: {', '.join(names)}).")
+    raise ConfigError(f"mask.include={include!r}: this model has no {include} layers (its modules: "
+                      f"{', '.join(names)}).")
   return "^(" + "|".join(map(re.escape, selected)) + ")/"
 
 

@@ -93,8 +93,8 @@ def run(config, workdir: str) -> dict[str, Any]:
                   f"{config.model.name} on {config.dataset}, {config.partition.kind} split, {len(parts)} clients",
                   {row["algorithm"]: row["label"] for row in summaries})
     run.finish(results, f"\nGlobal test accuracy ({config.num_rounds} rounds; final = mean of the last "
-               f"{config.final_rounds} evaluations; local = test set reweighted to each client's labels, mean and worst "
-               "client):\n" + reporting.format_table(summaries, TABLE_COLUMNS))
+               f"{config.final_rounds} evaluations; local = test set reweighted to each client's labels, mean and "
+               "worst client):\n" + reporting.format_table(summaries, TABLE_COLUMNS))
   return results
 
 

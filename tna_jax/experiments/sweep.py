@@ -110,9 +110,10 @@ def plan(config) -> tuple[list[list[Job]], dict[str, tuple[int, int]]]:
   return list(programs.values()), where
 
 
-def planned_programs(config) -> list[tuple[ml_collections.ConfigDict, int]]:
-  """(config, models) of each compiled training program, for `main --dry_run`'s estimates."""
-  return [(jobs[0].config, jobs[0].config.num_models * len(jobs)) for jobs in plan(config)[0]]
+def planned_programs(config, programs: list[list[Job]] | None = None) -> list[tuple[ml_collections.ConfigDict, int]]:
+  """(config, models) of each compiled training program (of `programs`, default `plan(config)`'s),
+  for `main --dry_run`'s estimates and the run's count."""
+  return [(jobs[0].config, jobs[0].config.num_models * len(jobs)) for jobs in programs or plan(config)[0]]
 
 
 def planned_models(config) -> int:
@@ -128,8 +129,9 @@ def run(config, workdir_path: str) -> dict[str, Any]:
     dataset = data.load_dataset(config.dataset, config.data_dir, config.num_train or None, config.num_test or None)
     train.check_batch_size(config.batch_size, len(dataset.train_labels))
     programs, where = plan(config)
-    num_models = planned_models(config)
-    print(f"Sweep: {len(grid.points(axes(config)))} points x {config.sweep.seeds} seeds; {num_models} distinct "
+    num_models = sum(count for _, count in planned_programs(config, programs))
+    num_points = len(grid.points(axes(config)))
+    print(f"Sweep: {num_points} points x {config.sweep.seeds} seeds; {num_models} distinct "
           f"models in {len(programs)} compiled training programs")
     run.start()
     trained = []
@@ -152,7 +154,7 @@ def run(config, workdir_path: str) -> dict[str, Any]:
         "measure_seconds": run.seconds["measure"],
     }
     write_outputs(run, config, results)
-    run.finish(results, f"\nSweep of {config.model.name} on {config.dataset} ({len(grid.points(axes(config)))} points, "
+    run.finish(results, f"\nSweep of {config.model.name} on {config.dataset} ({num_points} points, "
                f"{config.sweep.seeds} seeds, {num_models} models in {len(programs)} programs; train "
                f"{run.seconds['train']:.0f}s, curves {run.seconds['measure']:.0f}s), mean ± std over seeds:\n" +
                aggregate.summary_table(summary, grid_keys(config), aligned=config.align != "none"))
@@ -214,9 +216,8 @@ def measure(run: runtime.Run, config, programs: list[list[Job]], where: dict[str
         k = point.num_models
         variables = jax.tree.map(lambda x: x[j * k:(j + 1) * k], trained[p])
         model = models.get_model(point.model, dataset.num_classes)
-        if p not in measurements:
-          policy = execution.policy(sharding.make_mesh(1))
-          measurements[p] = measurement.make_measurement(point, model, variables, dataset, policy)
+        if p not in measurements:  # a program's models share the model and (the grid's rule) the lmc keys
+          measurements[p] = measurement.make_measurement(point, model, variables, dataset, execution.policy())
         measured[identity] = new[identity] = measure_variant(point, model, variant, variables, dataset,
                                                              measurements[p])
       label = reporting.variant_label(variant, point.mask.fixed_fraction, point.pruning_fraction)
@@ -261,6 +262,7 @@ def write_outputs(run: runtime.Run, config, results: dict) -> None:
   aggregate.write_csv(run.path("sweep_summary.csv"), summary, aggregate.columns_of(summary))
   sweep_axes = axes(config)
   if sweep_axes:
-    reporting.plot_sweep(run.path("sweep.png"), summary, sweep_axes[0].keys, grid_keys(config)[len(sweep_axes[0].keys):],
+    x_keys = sweep_axes[0].keys
+    reporting.plot_sweep(run.path("sweep.png"), summary, x_keys, grid_keys(config)[len(x_keys):],
                          f"{config.model.name} on {config.dataset}, {config.num_epochs} epochs: mean ± std over "
                          f"{config.sweep.seeds} seeds")

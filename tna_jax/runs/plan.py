@@ -51,10 +51,14 @@ def plan(config, device: str | None = None, num_devices: int = 1) -> dict[str, A
     return out
   num_train = min(config.get("num_train") or spec[0], spec[0])
   image_shape, num_classes = spec[2], spec[3]
-  num_models = module.planned_models(config) if hasattr(module, "planned_models") else 1
-  if hasattr(module, "planned_programs") and len(module.planned_programs(config)) > 1:
+  programs = module.planned_programs(config) if hasattr(module, "planned_programs") else []
+  if programs:
+    num_models = sum(count for _, count in programs)
+  else:
+    num_models = module.planned_models(config) if hasattr(module, "planned_models") else 1
+  if len(programs) > 1:
     out["models_trained_together"] = num_models
-    out.update(_programs(module.planned_programs(config), num_train, spec, device, num_devices))
+    out.update(_programs(programs, num_train, spec, device, num_devices))
     return out
   model = models.get_model(config.model, num_classes)
   variables = jax.eval_shape(functools.partial(models.init_variables, model, jax.random.key(0), image_shape))

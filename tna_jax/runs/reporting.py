@@ -73,13 +73,15 @@ def plot_curves(path: files.PathLike, alphas: np.ndarray, curves: dict[str, dict
   save_figure(fig, (ax_loss, ax_acc), path, title)
 
 
+VARIANT_NAMES = {"tna": "TNA-PFN", "pruning": "pruning at init"}  # as papers name the variants
+
+
 def variant_label(variant: str, fixed_fraction: float, pruning_fraction: float) -> str:
   """How a paper names a training variant: 'vanilla', 'TNA-PFN (40 % fixed)', 'pruning at init (40 %)'."""
-  return {"tna": f"TNA-PFN ({100 * fixed_fraction:.0f} % fixed)",
-          "pruning": f"pruning at init ({100 * pruning_fraction:.0f} %)"}.get(variant, variant)
+  return {"tna": f"{VARIANT_NAMES['tna']} ({100 * fixed_fraction:.0f} % fixed)",
+          "pruning": f"{VARIANT_NAMES['pruning']} ({100 * pruning_fraction:.0f} %)"}.get(variant, variant)
 
 
-VARIANT_NAMES = {"tna": "TNA-PFN", "pruning": "pruning at init"}
 RATIO_KEYS = {"tna": "mask.fixed_fraction", "pruning": "pruning_fraction"}  # the ratio each variant's label names
 AXIS_LABELS = {
     "mask.fixed_fraction": "mask ratio (fraction of entries fixed)",
@@ -121,8 +123,8 @@ def plot_sweep(path: files.PathLike, summary: Sequence[dict], x_keys: Sequence[s
   are `SWEEP_PANELS`, or `K_MODEL_PANELS` against the number of models."""
   if not sharding.is_writer():
     return
-  panels = K_MODEL_PANELS if x_keys[0] == "num_models" else SWEEP_PANELS
   x = x_keys[0]
+  panels = K_MODEL_PANELS if x == "num_models" else SWEEP_PANELS
   ticks = list(dict.fromkeys(row[x] for row in summary))
   categorical = any(isinstance(t, str) for t in ticks)
   show_curve = len({row["curve"] for row in summary}) > 1
