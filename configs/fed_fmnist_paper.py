@@ -5,7 +5,9 @@ x0.99 per round with momentum 0.9 and weight decay 5e-4, FedProx mu 0.01, the ma
 the whole run (mask.redraw = never) at ratio 0.4; the score is the mean test accuracy of the
 last 5 rounds. The rounds are as many as fit in about 45 minutes on the 2-core CPU for all
 four algorithms and one seed (NUM_ROUNDS below); for more seeds run it again with
---config.init_seed, --config.partition.seed and --config.data_seed changed.
+--config.init_seed, --config.partition.seed and --config.data_seed changed, and combine the
+runs with `python -m tna_jax.report WORKDIR_SEED0 WORKDIR_SEED1 --out=DIR` (mean ± std per
+algorithm).
 
 FedPNU with 1 local epoch: clients switch to the reversed mask after int(local_epochs / 2) = 0
 epochs, so every round trains only the entries FedPFN holds fixed, with the other 60 % frozen

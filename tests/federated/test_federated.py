@@ -15,7 +15,8 @@ import pytest
 
 from tna_jax.config import loader
 from tna_jax.core import masks, models, optim, train
-from tna_jax.errors import ConfigError
+from tna_jax import report
+from tna_jax.errors import ConfigError, DivergedError, TnaError
 from tna_jax.experiments import fed
 from tna_jax.federated import algorithms, client, partition
 from tna_jax.runs import checkpoints, workdir as workdir_lib
@@ -438,6 +439,47 @@ def test_fed_run_writes_plots_and_summary_and_refuses_to_clobber(tmp_path, capsy
   assert not workdir_lib.changed_keys(saved, _config(algorithms="fedavg", final_rounds=1).to_dict(),
                                       fed.RESUMABLE_CHANGES)
   assert workdir_lib.changed_keys(saved, _config(prox_mu=0.5).to_dict(), fed.RESUMABLE_CHANGES) == ["prox_mu"]
+
+
+def test_report_averages_fed_runs_over_seeds_and_refuses_to_mix_them_with_lmc_runs(tmp_path):
+  runs = {seed: fed.run(_config(num_rounds=2, init_seed=seed, data_seed=seed), str(tmp_path / f"seed{seed}"))
+          for seed in (0, 1)}
+  workdirs = [str(tmp_path / f"seed{seed}") for seed in runs]
+  combined = report.combine(workdirs)
+  assert combined["keys"] == []  # seeds are replicates, not settings
+  for name in ("fedavg", "fedpfn+m"):
+    (row,) = [r for r in combined["summary"] if r["variant"] == name]
+    finals = [next(s["final_accuracy"] for s in r["summary"] if s["algorithm"] == name) for r in runs.values()]
+    assert row["n"] == 2 and row["seeds"] == [0, 1] and finals[0] != finals[1]
+    assert row["final_accuracy"] == pytest.approx(np.mean(finals))
+    assert row["final_accuracy_std"] == pytest.approx(np.std(finals, ddof=1))
+    fedavg = [next(s["final_accuracy"] for s in r["summary"] if s["algorithm"] == "fedavg") for r in runs.values()]
+    assert row["gain_vs_fedavg_pp"] == pytest.approx(np.mean(np.subtract(finals, fedavg)))  # paired by seed
+    curve = combined["rounds"][row["label"]]
+    accuracies = np.array([[100 * h["test_accuracy"] for h in r["history"][name]] for r in runs.values()])
+    assert curve["round"] == [1, 2] and curve["n"] == 2
+    np.testing.assert_allclose(curve["test_accuracy"], accuracies.mean(0), rtol=1e-6)
+    np.testing.assert_allclose(curve["test_accuracy_std"], accuracies.std(0, ddof=1), rtol=1e-6)
+  table = report.write_report(combined, str(tmp_path / "report"))
+  assert "final acc %" in table and "vs FedAvg pp" in table and "FedAvg" in table
+  assert os.path.getsize(tmp_path / "report" / "report.png") > 1000
+
+  lmc_dir = tmp_path / "lmc_run"
+  lmc_dir.mkdir()
+  (lmc_dir / "results.json").write_text(json.dumps({"config": {"experiment": "lmc"}, "summary": []}))
+  with pytest.raises(TnaError, match="fed, lmc"):
+    report.combine([workdirs[0], str(lmc_dir)])
+
+
+def test_a_diverging_algorithm_names_the_command_that_finishes_the_others(tmp_path):
+  workdir = str(tmp_path / "run")
+  overrides = dict(prox_mu=1e30, local_epochs=3, num_rounds=2)  # the proximal step overflows
+  with pytest.raises(DivergedError, match="fedprox is not finite at round 1.*--config.algorithms=fedavg$"):
+    fed.run(_config(algorithms="fedavg,fedprox", **overrides), workdir)
+  assert not os.path.exists(os.path.join(workdir, "results.json"))
+  results = fed.run(_config(algorithms="fedavg", **overrides), workdir)  # as the message says
+  assert [row["algorithm"] for row in results["summary"]] == ["fedavg"]
+  assert all(np.isfinite(row["final_accuracy"]) for row in results["summary"])
 
 
 def test_bad_config_values_are_clear_errors_before_anything_is_written(tmp_path):

@@ -24,6 +24,7 @@ from tqdm import tqdm
 
 from tna_jax.config import schema
 from tna_jax.core import data, evaluate, execution, masks, models, optim, sharding, train
+from tna_jax.errors import DivergedError
 from tna_jax.federated import algorithms, client, partition
 from tna_jax.runs import reporting, runtime
 
@@ -83,15 +84,20 @@ def run(config, workdir: str) -> dict[str, Any]:
       state = algorithms.init(algorithm, variables, spec.mask, local_epochs=config.local_epochs,
                               prox_mu=config.prox_mu, server=algorithms.ServerHyper(**config.server))
       phase = run.phase(algorithm.name, total=config.num_rounds, unit="round")
-      with run.timed(algorithm.name):
-        histories[algorithm.name] = train_algorithm(phase, state, round_fns[spec.for_algorithm(algorithm)], train_set,
-                                                    evaluate_fn, config)
+      try:
+        with run.timed(algorithm.name):
+          histories[algorithm.name] = train_algorithm(phase, state, round_fns[spec.for_algorithm(algorithm)],
+                                                      train_set, evaluate_fn, config)
+      except DivergedError as e:  # one algorithm's divergence need not cost the others' rounds
+        others = [a.name for a in compared if a is not algorithm]
+        raise DivergedError(f"{e} The algorithms before it are checkpointed: to compare the others without it, run "
+                            f"the same command with --config.algorithms={','.join(others)}") from None
       summaries.append(summarize(algorithm, spec.mask, histories[algorithm.name], config.final_rounds))
 
     results = {"config": config.to_dict(), "partition": split, "summary": summaries, "history": histories}
-    plot_accuracy(run.path("accuracy.png"), histories,
-                  f"{config.model.name} on {config.dataset}, {config.partition.kind} split, {len(parts)} clients",
-                  {row["algorithm"]: row["label"] for row in summaries})
+    title = f"{config.model.name} on {config.dataset}, {config.partition.kind} split, {len(parts)} clients"
+    reporting.plot_rounds(run.path("accuracy.png"),
+                          {row["label"]: round_curves(histories[row["algorithm"]]) for row in summaries}, title)
     run.finish(results, f"\nGlobal test accuracy ({config.num_rounds} rounds; final = mean of the last "
                f"{config.final_rounds} evaluations; local = test set reweighted to each client's labels, mean and "
                "worst client):\n" + reporting.format_table(summaries, TABLE_COLUMNS))
@@ -181,17 +187,8 @@ def summarize(algorithm: algorithms.Algorithm, mask_spec: masks.MaskSpec, histor
   return row
 
 
-def plot_accuracy(path: str, histories: dict[str, list[dict]], title: str, labels: dict[str, str]) -> None:
-  """Test accuracy and loss of the global model against the round, one line per algorithm,
-  named by `labels` (algorithm name -> its label)."""
-  if not sharding.is_writer():
-    return
-  fig, (ax_acc, ax_loss) = reporting.pyplot().subplots(1, 2, figsize=(11, 4))
-  for name, history in histories.items():
-    tested = [h for h in history if "test_accuracy" in h]
-    rounds = [h["round"] for h in tested]
-    ax_acc.plot(rounds, [100 * h["test_accuracy"] for h in tested], label=labels[name])
-    ax_loss.plot(rounds, [h["test_loss"] for h in tested], label=labels[name])
-  ax_acc.set(xlabel="round", ylabel="test accuracy (%)", title="global model accuracy")
-  ax_loss.set(xlabel="round", ylabel="test loss", title="global model loss")
-  reporting.save_figure(fig, (ax_acc, ax_loss), path, title)
+def round_curves(history: list[dict]) -> dict[str, list[float]]:
+  """The evaluated rounds of an algorithm's `history`: round, test accuracy (%) and test loss."""
+  tested = [h for h in history if "test_accuracy" in h]
+  return {"round": [h["round"] for h in tested], "test_accuracy": [100 * h["test_accuracy"] for h in tested],
+          "test_loss": [h["test_loss"] for h in tested]}

@@ -157,7 +157,7 @@ def run(config, workdir_path: str) -> dict[str, Any]:
     run.finish(results, f"\nSweep of {config.model.name} on {config.dataset} ({num_points} points, "
                f"{config.sweep.seeds} seeds, {num_models} models in {len(programs)} programs; train "
                f"{run.seconds['train']:.0f}s, curves {run.seconds['measure']:.0f}s), mean ± std over seeds:\n" +
-               aggregate.summary_table(summary, grid_keys(config), aligned=config.align != "none"))
+               aggregate.summary_table(summary, grid_keys(config)))
   return results
 
 

@@ -1,7 +1,8 @@
 """Tidy result rows, their mean and spread over seeds, and CSV files of them.
 
 A sweep (and `python -m tna_jax.report`) records one row per measured curve: the values
-that name it (grid keys, variant, curve, seed) and its metrics. `summarize` groups the rows
+that name it (grid keys, variant, curve, seed) and its metrics; `report` makes one row per
+federated algorithm and seed the same way. `summarize` groups the rows
 that differ only in their seed and reports, per metric, the mean, the sample standard
 deviation and the half-width of a 95 % confidence interval (Student's t), which the
 figures draw as error bands.
@@ -26,7 +27,11 @@ ALIGNED_METRICS = ("aligned_accuracy_mid", "aligned_loss_barrier", "aligned_accu
                    "aligned_accuracy_barrier_rel", "match_iterations", "match_seconds")
 K_MODEL_METRICS = ("loss_barrier_mean", "loss_barrier_max", "accuracy_barrier_pp_mean", "accuracy_barrier_pp_max",
                    "mean_endpoint_accuracy", "fused_accuracy", "fused_loss", "fusion_gain_pp")
-METRICS = PAIR_METRICS + ALIGNED_METRICS + K_MODEL_METRICS
+# A federated algorithm's row of `experiments.fed.summarize` (accuracies in %), and
+# gain_vs_fedavg_pp: final accuracy minus FedAvg's in the same run (`tna_jax.report`).
+FED_METRICS = ("final_accuracy", "gain_vs_fedavg_pp", "best_accuracy", "last_accuracy", "local_accuracy",
+               "worst_client_accuracy", "seconds_per_round")
+METRICS = PAIR_METRICS + ALIGNED_METRICS + K_MODEL_METRICS + FED_METRICS
 
 # The summary table: a column per measured mean ± std (after the keys that name a row).
 SUMMARY_COLUMNS = (
@@ -42,6 +47,16 @@ ALIGNED_SUMMARY_COLUMNS = (
     ("aligned loss barrier", "aligned_loss_barrier_text", "s"),
     ("match iters", "match_iterations_text", "s"),
     ("match s", "match_seconds_text", "s"),
+)
+FED_SUMMARY_COLUMNS = (
+    ("algorithm", "label", "s"),
+    ("seeds", "n", "d"),
+    ("final acc %", "final_accuracy_text", "s"),
+    ("vs FedAvg pp", "gain_vs_fedavg_pp_text", "s"),
+    ("best acc %", "best_accuracy_text", "s"),
+    ("local acc %", "local_accuracy_text", "s"),
+    ("worst client %", "worst_client_accuracy_text", "s"),
+    ("s/round", "seconds_per_round_text", "s"),
 )
 
 
@@ -97,10 +112,15 @@ def write_csv(path: files.PathLike, rows: Sequence[dict], columns: Sequence[str]
   files.write_text(path, buffer.getvalue())
 
 
-def summary_table(summary: Sequence[dict], keys: Sequence[str], aligned: bool = False) -> str:
-  """`summarize`'s rows as a text table: the `keys` that name a row, the variant and curve,
-  then each measured metric as 'mean ± std'."""
+def summary_table(summary: Sequence[dict], keys: Sequence[str]) -> str:
+  """`summarize`'s rows as a text table: the `keys` that name a row, then each measured
+  metric as 'mean ± std': a federated algorithm's accuracies (`FED_SUMMARY_COLUMNS`), or a
+  curve's barriers and accuracies (`SUMMARY_COLUMNS`, and after alignment when measured)."""
   cells = [{**row, **{f"{m}_text": f"{row[m]:.4g} ± {row[m + '_std']:.2g}" for m in METRICS if m in row}}
            for row in summary]
-  columns = tuple((key, key, "") for key in keys) + SUMMARY_COLUMNS + (ALIGNED_SUMMARY_COLUMNS if aligned else ())
-  return reporting.format_table(cells, columns)
+  if any("final_accuracy" in row for row in summary):
+    columns = FED_SUMMARY_COLUMNS
+  else:
+    aligned = any("aligned_loss_barrier" in row for row in summary)
+    columns = SUMMARY_COLUMNS + (ALIGNED_SUMMARY_COLUMNS if aligned else ())
+  return reporting.format_table(cells, tuple((key, key, "") for key in keys) + columns)

@@ -117,9 +117,12 @@ class StepCheckpoints:
     self.directory = files.path(directory)
     self.every, self.every_minutes, self.last = every, every_minutes, last
     self._last_save = datetime.datetime.now()
+    # One unnamed item with its handler given: orbax then reads a step's metadata without
+    # warning that it cannot restore the item "default".
     self._manager = ocp.CheckpointManager(self.directory, options=ocp.CheckpointManagerOptions(
         max_to_keep=keep, create=True, enable_async_checkpointing=asynchronous,
-        cleanup_tmp_directories=True))  # a save cut short by a kill leaves a temporary directory
+        cleanup_tmp_directories=True),  # a save cut short by a kill leaves a temporary directory
+        item_handlers=ocp.StandardCheckpointHandler())
 
   def latest_step(self) -> int | None:
     return self._manager.latest_step()

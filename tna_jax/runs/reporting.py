@@ -119,7 +119,8 @@ def plot_sweep(path: files.PathLike, summary: Sequence[dict], x_keys: Sequence[s
                title: str) -> None:
   """Each panel a metric's mean against the axis `x_keys` (their shared value), one line per
   series (`series_label`), its band one standard deviation over seeds either side. An axis
-  of names (granularity, layer presets) is drawn as categories in grid order. The panels
+  of names (granularity, layer presets) is drawn as categories in grid order, each point
+  with an error bar of one standard deviation. The panels
   are `SWEEP_PANELS`, or `K_MODEL_PANELS` against the number of models."""
   if not sharding.is_writer():
     return
@@ -140,8 +141,11 @@ def plot_sweep(path: files.PathLike, summary: Sequence[dict], x_keys: Sequence[s
       xs = [ticks.index(r[x]) if categorical else r[x] for r in rows]
       mean = np.array([r[metric] for r in rows])
       std = np.array([r[f"{metric}_std"] for r in rows])
-      line, = ax.plot(xs, mean, marker="o", label=label)
-      ax.fill_between(xs, mean - std, mean + std, color=line.get_color(), alpha=0.2, linewidth=0)
+      if categorical:  # names in no order: points with error bars, unjoined
+        ax.errorbar(xs, mean, yerr=std, marker="o", linestyle="none", capsize=3, label=label)
+      else:
+        line, = ax.plot(xs, mean, marker="o", label=label)
+        ax.fill_between(xs, mean - std, mean + std, color=line.get_color(), alpha=0.2, linewidth=0)
     if categorical:
       ax.set_xticks(range(len(ticks)), ticks)
     elif min(ticks) > 0 and max(ticks) / min(ticks) >= 16:  # widths, learning rates: a log axis, ticks at the values
@@ -149,6 +153,26 @@ def plot_sweep(path: files.PathLike, summary: Sequence[dict], x_keys: Sequence[s
       ax.set_xticks(ticks, [f"{t:g}" for t in ticks])
       ax.minorticks_off()
     ax.set(xlabel=AXIS_LABELS.get("+".join(x_keys), AXIS_LABELS.get(x, x)), ylabel=ylabel)
+  save_figure(fig, axes, path, title)
+
+
+def plot_rounds(path: files.PathLike, series: dict[str, dict[str, Sequence[float]]], title: str) -> None:
+  """A federated run's global model against the round: test accuracy (%) and test loss, one
+  line per series (label -> its `round`, `test_accuracy` and `test_loss` lists), with a band
+  of one standard deviation either side where the series has `test_accuracy_std` and
+  `test_loss_std` (runs over several seeds)."""
+  if not sharding.is_writer():
+    return
+  fig, axes = pyplot().subplots(1, 2, figsize=(11, 4))
+  for label, curve in series.items():
+    for ax, metric in zip(axes, ("test_accuracy", "test_loss")):
+      mean = np.asarray(curve[metric])
+      line, = ax.plot(curve["round"], mean, label=label)
+      if f"{metric}_std" in curve:
+        std = np.asarray(curve[f"{metric}_std"])
+        ax.fill_between(curve["round"], mean - std, mean + std, color=line.get_color(), alpha=0.2, linewidth=0)
+  axes[0].set(xlabel="round", ylabel="test accuracy (%)", title="global model accuracy")
+  axes[1].set(xlabel="round", ylabel="test loss", title="global model loss")
   save_figure(fig, axes, path, title)
 
 
