@@ -21,7 +21,6 @@ from typing import Any, Sequence
 from absl import app
 from absl import flags
 from absl import logging
-import numpy as np
 
 from tna_jax.errors import TnaError
 from tna_jax.experiments import fed
@@ -122,16 +121,17 @@ def round_curves(results: Sequence[dict[str, Any]], keys: Sequence[str]) -> dict
   for r in results:
     flat = workdir.flat(r["config"])
     for row in r["summary"]:
-      name = row["label"] + "".join(f", {key.rsplit('.', 1)[-1]} {flat.get(key)}" for key in keys)
+      name = row["label"] + reporting.settings_suffix(flat, keys)
       groups.setdefault(name, []).append(fed.round_curves(r["history"][row["algorithm"]]))
   curves = {}
   for name, members in groups.items():
     common = sorted(set.intersection(*(set(m["round"]) for m in members)))
     curve = {"round": common, "n": len(members)}
     for metric in ("test_accuracy", "test_loss"):
-      values = np.array([[dict(zip(m["round"], m[metric]))[t] for t in common] for m in members])
-      curve[metric] = values.mean(axis=0).tolist()
-      curve[f"{metric}_std"] = (values.std(axis=0, ddof=1) if len(members) > 1 else 0 * values[0]).tolist()
+      by_round = [[dict(zip(m["round"], m[metric]))[t] for m in members] for t in common]
+      spreads = [aggregate.spread(values) for values in by_round]
+      curve[metric] = [s["mean"] for s in spreads]
+      curve[f"{metric}_std"] = [s["std"] for s in spreads]
     curves[name] = curve
   return curves
 

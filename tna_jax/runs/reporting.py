@@ -112,7 +112,22 @@ def series_label(row: dict, x_keys: Sequence[str], other_keys: Sequence[str], sh
   label = VARIANT_NAMES.get(variant, variant) if RATIO_KEYS.get(variant) in x_keys else row["label"]
   if show_curve:
     label += f" ({row['curve']})"
-  return label + "".join(f", {key.rsplit('.', 1)[-1]} {row[key]}" for key in other_keys)
+  return label + settings_suffix(row, other_keys)
+
+
+def settings_suffix(values: dict, keys: Sequence[str]) -> str:
+  """The settings `keys` (dotted config keys) of `values` as a label's tail: ', width 64, depth 2'."""
+  return "".join(f", {key.rsplit('.', 1)[-1]} {values.get(key)}" for key in keys)
+
+
+def plot_band(ax, xs: Sequence[float], mean: Sequence[float], std: Sequence[float] | None, **line_kwargs) -> None:
+  """A line of means on `ax` with a band of one standard deviation either side (none when
+  `std` is None)."""
+  mean = np.asarray(mean)
+  line, = ax.plot(xs, mean, **line_kwargs)
+  if std is not None:
+    std = np.asarray(std)
+    ax.fill_between(xs, mean - std, mean + std, color=line.get_color(), alpha=0.2, linewidth=0)
 
 
 def plot_sweep(path: files.PathLike, summary: Sequence[dict], x_keys: Sequence[str], other_keys: Sequence[str],
@@ -144,8 +159,7 @@ def plot_sweep(path: files.PathLike, summary: Sequence[dict], x_keys: Sequence[s
       if categorical:  # names in no order: points with error bars, unjoined
         ax.errorbar(xs, mean, yerr=std, marker="o", linestyle="none", capsize=3, label=label)
       else:
-        line, = ax.plot(xs, mean, marker="o", label=label)
-        ax.fill_between(xs, mean - std, mean + std, color=line.get_color(), alpha=0.2, linewidth=0)
+        plot_band(ax, xs, mean, std, marker="o", label=label)
     if categorical:
       ax.set_xticks(range(len(ticks)), ticks)
     elif min(ticks) > 0 and max(ticks) / min(ticks) >= 16:  # widths, learning rates: a log axis, ticks at the values
@@ -166,11 +180,7 @@ def plot_rounds(path: files.PathLike, series: dict[str, dict[str, Sequence[float
   fig, axes = pyplot().subplots(1, 2, figsize=(11, 4))
   for label, curve in series.items():
     for ax, metric in zip(axes, ("test_accuracy", "test_loss")):
-      mean = np.asarray(curve[metric])
-      line, = ax.plot(curve["round"], mean, label=label)
-      if f"{metric}_std" in curve:
-        std = np.asarray(curve[f"{metric}_std"])
-        ax.fill_between(curve["round"], mean - std, mean + std, color=line.get_color(), alpha=0.2, linewidth=0)
+      plot_band(ax, curve["round"], curve[metric], curve.get(f"{metric}_std"), label=label)
   axes[0].set(xlabel="round", ylabel="test accuracy (%)", title="global model accuracy")
   axes[1].set(xlabel="round", ylabel="test loss", title="global model loss")
   save_figure(fig, axes, path, title)
