@@ -9,7 +9,7 @@ import subprocess
 import sys
 
 
-from tna_jax.bench import FIGURES, core, efficiency
+from tna_jax.bench import FIGURES, core_figures, efficiency
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 CORE_FIGURES = ("mask_overhead_ratio", "lmc_curve_speedup", "replicas_speedup", "torch_speed_ratio")
@@ -17,7 +17,7 @@ CORE_FIGURES = ("mask_overhead_ratio", "lmc_curve_speedup", "replicas_speedup", 
 
 def test_core_figures_are_registered():
   for name in CORE_FIGURES:
-    assert FIGURES[name] == f"tna_jax.bench.core:{name}"
+    assert FIGURES[name] == f"tna_jax.bench.core_figures:{name}"
 
 
 def _check(result, *absolute_keys):
@@ -28,7 +28,7 @@ def _check(result, *absolute_keys):
 
 
 def test_mask_overhead_ratio_quick():
-  result = core.mask_overhead_ratio(quick=True)
+  result = core_figures.mask_overhead_ratio(quick=True)
   _check(result)
   assert result["value"] == max(m["ratio"] for m in result["models"].values())
   for m in result["models"].values():
@@ -36,11 +36,11 @@ def test_mask_overhead_ratio_quick():
 
 
 def test_lmc_curve_speedup_quick():
-  _check(core.lmc_curve_speedup(quick=True), "loop_s", "one_call_s", "one_call_vmapped_s")
+  _check(core_figures.lmc_curve_speedup(quick=True), "loop_s", "one_call_s", "one_call_vmapped_s")
 
 
 def test_replicas_speedup_quick():
-  result = core.replicas_speedup(quick=True)
+  result = core_figures.replicas_speedup(quick=True)
   _check(result)
   assert set(result["models"]) == {"mlp", "cnn"}
   assert result["value"] == min(m["speedup"] for m in result["models"].values())
@@ -50,7 +50,7 @@ def test_replicas_speedup_quick():
 
 
 def test_torch_speed_ratio_quick():
-  result = core.torch_speed_ratio(quick=True)
+  result = core_figures.torch_speed_ratio(quick=True)
   if importlib.util.find_spec("torch") is None:  # an optional extra: the figure says so
     assert result["value"] is None and "not installed" in result["summary"]
   else:
@@ -70,7 +70,7 @@ def test_efficiency_figures_quick():
 
 def test_alternate_times_every_function_in_turns():
   calls = []
-  seconds = core.alternate({"a": lambda: calls.append("a"), "b": lambda: calls.append("b")}, rounds=3)
+  seconds = core_figures.alternate({"a": lambda: calls.append("a"), "b": lambda: calls.append("b")}, rounds=3)
   assert calls == ["a", "b"] * 4  # one warm-up each, then A B A B A B
   assert set(seconds) == {"a", "b"} and all(s >= 0 for s in seconds.values())
 

@@ -130,7 +130,7 @@ def test_unknown_method_or_solver_is_a_config_error():
 
 def test_benchmark_baseline_does_the_same_work():
   """The host loop of `matching_speedup` takes the same sweeps to the same permutations."""
-  from tna_jax.bench import matching as bench  # pylint: disable=g-import-not-at-top
+  from tna_jax.bench import matching_speed as bench  # pylint: disable=g-import-not-at-top
   model, a, b = _two_mlps(depth=3, width=12)
   spec = permutations.spec_for(model, {"params": a})
   result = matching.weight_matching(spec, a, b, solver="scipy", seed=5)

@@ -87,7 +87,7 @@ def test_no_other_module_asks_which_backend_it_runs_on():
   # Allowed elsewhere: orbax's background saves (runtime) and the descriptions of the device in
   # benchmark results and FLOP counts, which choose nothing about how the work runs.
   allowed = {"default_backend(": {"core/execution.py", "runs/runtime.py"},
-             ".platform": {"core/execution.py", "core/flops.py", "bench/core.py", "bench/federated.py",
+             ".platform": {"core/execution.py", "core/flops.py", "bench/core_figures.py", "bench/fed_round.py",
                            "bench/__main__.py"}}
   package = pathlib.Path(execution.__file__).parent.parent  # all of tna_jax
   for path in sorted(package.rglob("*.py")):

@@ -17,7 +17,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
-from tna_jax.bench import core
+from tna_jax.bench import core_figures
 from tna_jax.core import flops, train
 
 K, BATCH, EVAL_BATCH = 2, 128, 1000  # the quickstart's models per variant, batch and eval batch
@@ -51,14 +51,14 @@ def measure(quick: bool) -> dict:
   """`train.fit`'s records of `EVAL_EVERY` epochs (evaluation in the last) and the seconds of
   the baseline epoch run after each of them, with both epochs' FLOPs."""
   num_train, num_test = (2048, 1000) if quick else (None, None)
-  dataset = core.fashion_mnist().subset(num_train, num_test)
-  trainer = core.Trainer(core.MLP, dataset, BATCH, fixed_fraction=0.4)
+  dataset = core_figures.fashion_mnist().subset(num_train, num_test)
+  trainer = core_figures.Trainer(core_figures.MLP, dataset, BATCH, fixed_fraction=0.4)
   steps = len(dataset.train_labels) // BATCH
   images = jnp.asarray(((dataset.train_images[:steps * BATCH] / 255.0 - dataset.mean) / dataset.std)
                        .astype(np.float32).reshape(steps, BATCH, -1))
   labels = jnp.asarray(dataset.train_labels[:steps * BATCH].reshape(steps, BATCH))
-  tx = optax.chain(optax.add_decayed_weights(core.SGD["weight_decay"]),
-                   optax.sgd(core.SGD["learning_rate"], momentum=core.SGD["momentum"]))
+  tx = optax.chain(optax.add_decayed_weights(core_figures.SGD["weight_decay"]),
+                   optax.sgd(core_figures.SGD["learning_rate"], momentum=core_figures.SGD["momentum"]))
   baseline_epoch = minimal_epoch(trainer.model, tx)
   states = trainer.states(K)
   params = jax.tree.map(lambda x: x[0], states.params)
@@ -106,7 +106,7 @@ def train_efficiency(quick: bool) -> dict:
   baseline = float(np.median(m["baseline_seconds"]))
   library = (plain_epoch_s + evaluate_s / EVAL_EVERY) / K
   every_epoch = (plain_epoch_s + evaluate_s) / K
-  return {"value": baseline / library, "target": ">= 0.95", "device": core.device(), "k": K,
+  return {"value": baseline / library, "target": ">= 0.95", "device": core_figures.device(), "k": K,
           "batch_size": BATCH, "eval_every": EVAL_EVERY, "epochs": len(history), "num_train": m["num_train"],
           "num_test": m["num_test"], "library_model_epoch_s": library, "library_train_call_s": train_s,
           "library_evaluate_call_s": evaluate_s, "baseline_model_epoch_s": baseline,
@@ -135,7 +135,7 @@ def peak_fraction(quick: bool) -> dict:
   peak = flops.device_peak()
   train_s = float(np.median(m["train_seconds"]))
   return {"value": float(np.median([r["train_mfu"] for r in history])) if peak else None, "target": ">= 0.80",
-          "device": core.device(), "train_flops": history[-1]["train_flops"], "train_s": train_s,
+          "device": core_figures.device(), "train_flops": history[-1]["train_flops"], "train_s": train_s,
           "achieved_flops_per_s": achieved, "peak_flops_per_s": peak, "baseline_flops_per_s": baseline,
           "baseline_fraction": baseline / peak if peak else None,
           "summary": f"MLP 4x512 training {achieved / 1e9:.1f} GFLOP/s ({history[-1]['train_flops'] / 1e9:.1f} "

@@ -20,7 +20,7 @@ import numpy as np
 import scipy.optimize
 
 from tna_jax.alignment import matching, permutations
-from tna_jax.bench import core
+from tna_jax.bench import core_figures
 from tna_jax.core import models
 
 
@@ -81,7 +81,7 @@ def matching_speedup(quick: bool) -> dict:
   first_call = time.perf_counter() - start
   hungarian = matching.weight_matching(spec, params_a, params_b, solver="hungarian")  # .seconds excludes compiling
   host_perms, host_sweeps = host_weight_matching(spec, params_a, params_b)
-  seconds = core.alternate({"host": lambda: host_weight_matching(spec, params_a, params_b),
+  seconds = core_figures.alternate({"host": lambda: host_weight_matching(spec, params_a, params_b),
                             "library": lambda: matching.weight_matching(spec, params_a, params_b, solver="scipy")},
                            rounds=1 if quick else 5)
   host, library = seconds["host"], seconds["library"]
@@ -89,7 +89,7 @@ def matching_speedup(quick: bool) -> dict:
   return {
       "value": host / library,
       "target": ">= 3",
-      "device": core.device(),
+      "device": core_figures.device(),
       "summary": (f"ResNet20 x{width} ({len(spec.names)} perms, {first.iterations} sweeps): host numpy+scipy "
                   f"{host:.2f}s, compiled {library:.2f}s (+{first.compile_seconds:.1f}s compile once); "
                   f"same result: {same}"),
