@@ -78,7 +78,9 @@ def load_model(config, num_classes: int, input_shape: tuple[int, ...]) -> tuple[
     model = model.clone(channels_last=True)  # train.fit's images are NHWC
   else:
     _check_positions(config, info, input_shape[0])
-  reinitialized = ", ".join(info.reinitialized) or "nothing"
+  adapters = [p for p in info.reinitialized if "lora" in p]
+  reinitialized = ", ".join([p for p in info.reinitialized if "lora" not in p] +
+                            ([f"{len(adapters)} LoRA adapter matrices"] if adapters else [])) or "nothing"
   logging.info("Base: %s checkpoint %s with %d labels; re-initialized: %s", info.model_type, info.path, num_classes,
                reinitialized)
   print(f"base: the {info.model_type} checkpoint {info.path} with {num_classes} labels; freshly initialized: "

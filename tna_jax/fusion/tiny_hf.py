@@ -7,8 +7,8 @@ writes /tmp/tiny_hf/data (train.jsonl, test.jsonl: the `text_files` dataset) and
 /tmp/tiny_hf/roberta (config.json, model.safetensors, tokenizer.json: a Hugging Face
 checkpoint). Nothing is downloaded and neither PyTorch nor `transformers` is needed: the
 tokenizer is a byte-level BPE trained with `tokenizers` on the task's own training text,
-and the weights are the seeded initialization of tna_jax's RoBERTa (`hf.from_hf` of the
-config alone), written with `hf.to_hf`. The "pretrained" model is thus random, the task
+and the weights are the seeded initialization of tna_jax's RoBERTa (`hf_models`), written
+with `hf.to_hf`. The "pretrained" model is thus random, the task
 small: a stand-in that exercises every step of a run from a checkpoint on a CPU, not a
 claim about pretrained RoBERTa.
 
@@ -48,7 +48,7 @@ def make_examples(num: int, seed: int) -> list[dict]:
   return examples
 
 
-def write_text_files(directory: str, num_train: int = 2048, num_test: int = 512, seed: int = 0) -> None:
+def write_text_files(directory: str, num_train: int = 4096, num_test: int = 512, seed: int = 0) -> None:
   """The task as the `text_files` dataset: train.jsonl and test.jsonl in `directory`."""
   for split, num, split_seed in (("train", num_train, seed), ("test", num_test, seed + 1)):
     lines = (json.dumps(e) for e in make_examples(num, split_seed))
@@ -82,21 +82,33 @@ def roberta_config(vocab_size: int, *, width: int = 32, depth: int = 2, heads: i
   }
 
 
-def write_roberta(directory: str, texts: list[str], *, seed: int = 0, **config_kwargs) -> None:
+def write_roberta(directory: str, texts: list[str], *, seed: int = 0, width: int = 32, depth: int = 2, heads: int = 2,
+                  max_len: int = 64, num_labels: int = 2) -> None:
   """A RoBERTa checkpoint in `directory`: tokenizer.json trained on `texts`, config.json and
-  the seeded initialization's model.safetensors."""
+  model.safetensors of the seeded initialization of `hf_models.RobertaClassifier` with the
+  same settings, written by `hf.to_hf`."""
+  import jax  # pylint: disable=g-import-not-at-top
+  from tna_jax.core import hf_models  # pylint: disable=g-import-not-at-top
   from tna_jax.fusion import hf  # pylint: disable=g-import-not-at-top
 
   tokenizer = train_tokenizer(texts)
+  config = roberta_config(tokenizer.get_vocab_size(), width=width, depth=depth, heads=heads, max_len=max_len,
+                          num_labels=num_labels)
   root = files.path(directory)
   root.mkdir(parents=True, exist_ok=True)
   files.write_text(root / "tokenizer.json", tokenizer.to_str())
-  files.write_json(root / "config.json", roberta_config(tokenizer.get_vocab_size(), **config_kwargs))
-  model, variables, _ = hf.from_hf(str(root), seed=seed)
+  files.write_json(root / "config.json", config)
+  model = hf_models.RobertaClassifier(
+      num_layers=depth, hidden_size=width, num_heads=heads, intermediate_size=config["intermediate_size"],
+      hidden_act=config["hidden_act"], layer_norm_eps=config["layer_norm_eps"],
+      initializer_range=config["initializer_range"], vocab_size=config["vocab_size"],
+      max_positions=config["max_position_embeddings"], type_vocab_size=config["type_vocab_size"],
+      pad_token_id=config["pad_token_id"], num_labels=num_labels)
+  variables = model.init(jax.random.key(seed), jax.numpy.zeros((1, 2), jax.numpy.int32))
   hf.to_hf(model, variables, str(root), like=str(root))
 
 
-def write_all(out: str, num_train: int = 2048, num_test: int = 512, seed: int = 0) -> tuple[str, str]:
+def write_all(out: str, num_train: int = 4096, num_test: int = 512, seed: int = 0) -> tuple[str, str]:
   """The dataset (OUT/data) and the checkpoint (OUT/roberta); returns their paths."""
   data_dir, checkpoint = str(files.path(out) / "data"), str(files.path(out) / "roberta")
   write_text_files(data_dir, num_train, num_test, seed)
