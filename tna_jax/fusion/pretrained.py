@@ -18,9 +18,9 @@ from absl import logging
 import flax.linen as nn
 
 from tna_jax.core import data, models, text_data, tokenization
-from tna_jax.errors import ConfigError
+from tna_jax.errors import ConfigError, DataNotFoundError
 from tna_jax.fusion import bases
-from tna_jax.runs import runtime
+from tna_jax.runs import files, runtime
 
 VISION_MODEL_TYPES = ("vit",)  # checkpoints that read images; every other supported model_type reads token ids
 EXPORT_DIR = "hf"  # WORKDIR/hf/<name>: the fused models as Hugging Face checkpoints
@@ -41,6 +41,12 @@ def tokenizer(config) -> tokenization.Tokenizer | None:
   otherwise (text is then encoded as bytes)."""
   if not from_hf(config) or config.dataset not in text_data.TEXT_DATASETS:
     return None
+  from tna_jax.fusion import hf  # pylint: disable=g-import-not-at-top
+
+  if not files.path(config.base.path).joinpath(hf.CONFIG).exists():  # not a checkpoint: say so, not "no tokenizer"
+    raise DataNotFoundError(f"base.path={config.base.path!r} is not a Hugging Face checkpoint: it has no {hf.CONFIG} "
+                            f"(a checkpoint directory holds {hf.CONFIG}, {hf.WEIGHTS} and, for text, "
+                            f"{tokenization.TOKENIZER_FILE}).")
   return tokenization.Tokenizer.of_checkpoint(config.base.path)
 
 
