@@ -15,7 +15,7 @@ QUICK = {"num_test": 500, "model.depth": 1, "model.width": 16, "model.num_heads"
 
 def get_config():
   config = ml_collections.ConfigDict()
-  config.dataset = "fashion_mnist"  # an image dataset of tna_jax.core.data, or 'glue' (cold only)
+  config.dataset = "fashion_mnist"  # an image dataset of tna_jax.core.data, text_files, or 'glue' (cold only)
   config.data_dir = ""
   config.num_test = 0  # 0 = the whole test split; n = the first n
   config.model = ml_collections.ConfigDict(dict(
@@ -33,8 +33,8 @@ def get_config():
   config.init_seed = 0  # the base's initialization, and the one head init every fine-tuned model shares
   config.data_seed = 1  # fine-tuned model i sees data order data_seed + i
   config.base = ml_collections.ConfigDict(dict(
-      source="pretrain",  # init | pretrain | orbax | big_vision_npz
-      path="",  # checkpoint directory (orbax) or .npz file (big_vision_npz)
+      source="pretrain",  # init | pretrain | orbax | big_vision_npz | hf (a Hugging Face checkpoint)
+      path="",  # checkpoint directory (orbax, hf) or .npz file (big_vision_npz)
       reinit="^head/",  # regex of parameter paths that keep their fresh initialization
   ))
   config.pretrain = ml_collections.ConfigDict(dict(
@@ -49,7 +49,8 @@ def get_config():
   config.mask = ml_collections.ConfigDict(dict(
       fixed_fraction=0.4, granularity="weight",
       include="",  # regex on parameter paths; 'lora' = anchors among the LoRA adapters only
-      exclude="", seed=0))
+      exclude="", seed=0,
+      select="random"))  # random | magnitude_small | magnitude_large (by |w| of the base)
   config.finetune = ml_collections.ConfigDict(dict(
       trainable="",  # regex of parameters that train ('' = all; 'lora|head' = LoRA fine-tuning)
   ))

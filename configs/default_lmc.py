@@ -21,6 +21,7 @@ def get_config(arg=None):
   config.data_dir = ""  # '' = the Debian package's directory for fashion_mnist; a TFDS data_dir otherwise
   config.num_train = 0  # 0 = all training examples; n = the first n (quick runs)
   config.num_test = 0
+  config.max_len = 128  # text_files: tokens per example
 
   config.model = ml_collections.ConfigDict(dict(
       name="mlp",
@@ -31,6 +32,9 @@ def get_config(arg=None):
       norm="batchnorm",  # resnet20: batchnorm | layernorm | none
   ))
 
+  # Where every model starts: init (the seeded initialization) or hf (a Hugging Face checkpoint in base.path,
+  # fine-tuned num_models times: the LMC of pretrained models).
+  config.base = ml_collections.ConfigDict(dict(source="init", path=""))
   config.init_seed = 0  # one initialization shared by every model
   config.data_seed = 1  # model i of a variant sees data order data_seed + i
   config.num_models = 2  # models per variant; the LMC pair is models 0 and 1 (all K: barrier matrix, fusion)
@@ -41,6 +45,7 @@ def get_config(arg=None):
       include="",  # regex on parameter paths ('Dense_0/kernel'); '' = all
       exclude="",
       seed=0,
+      select="random",  # random | magnitude_small | magnitude_large (by |w| of a pretrained base: base.source=hf)
   ))
   config.pruning_fraction = 0.4  # entries zeroed at init and kept zero by the 'pruning' variant
 

@@ -17,6 +17,7 @@ QUICK = {**loader.quick_overrides("finetune"), "split.start": 1024, "split.num_t
 def get_config(arg=None):
   config = loader.defaults("finetune")
   config.experiment = "soup"
+  config.max_len = 128  # text_files: tokens per example
   config.split = ml_collections.ConfigDict(dict(
       start=10000,  # fine-tuning data: training examples [start, start + num_train) ...
       num_train=4000,

@@ -170,7 +170,7 @@ def test_from_config_draws_the_mask_the_hand_unpacked_call_draws(overrides):
 
 
 def test_mask_spec_round_trip_and_redraw():
-  federated = _mask_section(granularity="neuron", include="kernel", redraw="every_round")
+  federated = _mask_section(granularity="neuron", include="kernel", redraw="every_round", select="random")
   spec = masks.MaskSpec.from_config(federated)
   assert dataclasses.asdict(spec) == federated.to_dict()
   assert masks.MaskSpec.from_config(dataclasses.asdict(spec)) == spec

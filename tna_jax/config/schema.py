@@ -35,7 +35,9 @@ LMC_VARIANTS = ("vanilla", "tna", "pruning")
 FINETUNE_VARIANTS = masks.STARTING_VARIANTS
 SOUP_AUGMENTATIONS = ("none", "flip", "crop", "flip+crop")
 ALIGN_CHOICES = ("none",) + matching.METHODS
-CHECKPOINT_SOURCES = ("orbax", "big_vision_npz")  # base.source values read from base.path
+CHECKPOINT_SOURCES = ("orbax", "big_vision_npz", "hf")  # base.source values read from base.path
+LMC_BASE_SOURCES = ("init", "hf")  # lmc trains from the seeded initialization or fine-tunes a HF checkpoint
+WITH_SELECT = ("lmc", "sweep", "soup", "cold")  # experiments with mask.select (fed draws its masks at random)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -127,6 +129,10 @@ def _is(path: str, *values) -> Callable[[Any], bool]:
   return lambda config: grid.get_value(config, path) in values
 
 
+def _is_not(path: str, *values) -> Callable[[Any], bool]:
+  return lambda config: grid.get_value(config, path) not in values
+
+
 # ----------------------------------------------------------------------------- the keys
 
 _FINETUNE_MODELS = models.MODEL_NAMES + transformer_models.MODEL_NAMES
@@ -149,19 +155,27 @@ _OPTIMIZER = (
 
 KEYS: tuple[Key, ...] = (
     Key("experiment", str, "which experiment runs this config", choices=ALL),
-    Key("dataset", str, "dataset name", experiments=("lmc", "sweep", "fed", "soup"), choices=data.DATASET_NAMES),
-    Key("dataset", str, "dataset name ('glue' with model.name = text_transformer)", experiments=("cold",),
-        choices=data.DATASET_NAMES + ("glue",)),
-    Key("data_dir", str, "directory of the IDX files (fashion_mnist) or the prepared TFDS data_dir; '' = default",
-        form="path"),
+    Key("dataset", str, "dataset name", experiments=("sweep", "fed"), choices=data.DATASET_NAMES),
+    Key("dataset", str, "dataset name (text_files: with base.source = hf, or model.name = text_transformer in soup)",
+        experiments=("lmc", "soup"), choices=data.DATASET_NAMES + ("text_files",)),
+    Key("dataset", str, "dataset name (glue, text_files: with model.name = text_transformer or base.source = hf)",
+        experiments=("cold",), choices=data.DATASET_NAMES + text_data.TEXT_DATASETS),
+    Key("data_dir", str, "directory of the IDX files (fashion_mnist), the prepared TFDS data_dir, or (text_files) "
+        "of train.jsonl and test.jsonl (or .csv); '' = default", form="path"),
+    Key("max_len", int, "text: tokens (bytes without a checkpoint) per example, special tokens included",
+        experiments=("lmc", "sweep", "soup"), low=1, applies=_is("dataset", *text_data.TEXT_DATASETS),
+        condition="dataset = text_files"),
     Key("num_train", int, "use only the first n training examples; 0 = all", experiments=TRAINED_FROM_SCRATCH,
         low=0),
     Key("num_test", int, "use only the first n test examples; 0 = all", low=0),
-    Key("model.name", str, "architecture", experiments=TRAINED_FROM_SCRATCH, choices=models.MODEL_NAMES),
+    Key("model.name", str, "architecture", experiments=("sweep", "fed"), choices=models.MODEL_NAMES),
+    Key("model.name", str, "architecture (with base.source = hf, the checkpoint's)", experiments=("lmc",),
+        choices=models.MODEL_NAMES, applies=_is_not("base.source", "hf"), condition="base.source != hf"),
     Key("model.init", str, "distribution of the Dense/Conv weights at initialization: flax (LeCun normal, zero "
         "bias), torch (PyTorch's Linear/Conv defaults, as the paper's authors trained), he (He normal, zero bias); "
         "it sets how large the vanilla barrier is", experiments=TRAINED_FROM_SCRATCH, choices=models.INIT_SCHEMES),
-    Key("model.name", str, "architecture", experiments=FINETUNE, choices=_FINETUNE_MODELS),
+    Key("model.name", str, "architecture (with base.source = hf, the checkpoint's)", experiments=FINETUNE,
+        choices=_FINETUNE_MODELS, applies=_is_not("base.source", "hf"), condition="base.source != hf"),
     _model_knob("depth", "hidden layers (mlp) or encoder blocks (transformers)", int, low=0),
     _model_knob("width", "units per hidden layer (mlp) or token width (transformers)", int, low=1),
     _model_knob("width_multiplier", "channel multiplier (ResNet20: 16/32/64 x this; cnn: 32/64/64 and fc 64 x this)",
@@ -172,7 +186,8 @@ KEYS: tuple[Key, ...] = (
     _model_knob("mlp_dim", "hidden units of each transformer MLP block", int, low=1),
     _model_knob("pool", "pooling: class token or mean over tokens", str, choices=transformer_models.POOLS),
     _model_knob("vocab_size", "byte vocabulary", int, low=1),
-    _model_knob("lora_rank", "LoRA adapters on every encoder Dense layer; 0 = none", int, low=0),
+    _model_knob("lora_rank", "LoRA adapters on every encoder Dense layer (hf: attention and MLP projections); "
+                "0 = none", int, low=0),
     dataclasses.replace(_model_knob("lora_alpha", "LoRA scale alpha / rank", float, low=0, low_open=True),
                         applies=lambda config: config.model.lora_rank > 0, condition="model.lora_rank > 0"),
     Key("init_seed", int, "seed of the one initialization every model starts from"),
@@ -196,6 +211,10 @@ KEYS: tuple[Key, ...] = (
         "(the classifier)", form="regex", **_MASK),
     Key("mask.exclude", str, "regex on parameter paths never fixed", form="regex", **_MASK),
     Key("mask.seed", int, "seed of the mask, shared by every model", **_MASK),
+    Key("mask.select", str, "which eligible entries are fixed: random (each with probability fixed_fraction), or "
+        "exactly the fixed_fraction of each leaf with the smallest / largest |w| of the base (needs a base: soup, "
+        "cold with base.source != init, lmc with base.source = hf; ties broken by mask.seed)", experiments=WITH_SELECT,
+        choices=masks.SELECTIONS, **_MASK),
     Key("overwrite", bool, "replace an earlier run in the workdir: the new run is built beside it and swapped in "
         "when complete; the old one is kept as WORKDIR.previous-TIME"),
     # lmc
@@ -233,12 +252,19 @@ KEYS: tuple[Key, ...] = (
     Key("matching.batches", int, "activation matching: training batches whose activations are correlated",
         experiments=ALIGNED, low=1, applies=_is("align", "activation"), condition="align = activation"),
     # soup and cold: fine-tuning from one base
-    Key("base.source", str, "where the base model comes from", experiments=FINETUNE, choices=bases.BASE_SOURCES),
-    Key("base.path", str, "checkpoint directory (orbax) or .npz file (big_vision_npz)", experiments=FINETUNE,
-        form="path", applies=_is("base.source", *CHECKPOINT_SOURCES),
-        condition="base.source = orbax or big_vision_npz"),
-    Key("base.reinit", str, "regex of parameter paths that keep their fresh initialization", experiments=FINETUNE,
-        form="regex"),
+    Key("base.source", str, "where the base model comes from (hf: a Hugging Face checkpoint, model and tokenizer)",
+        experiments=FINETUNE, choices=bases.BASE_SOURCES),
+    Key("base.source", str, "init: train every model from the seeded initialization; hf: fine-tune every model from "
+        "a Hugging Face checkpoint (the LMC of pretrained models)", experiments=("lmc",), choices=LMC_BASE_SOURCES),
+    Key("base.source", str, "sweeps train from the seeded initialization", experiments=("sweep",), choices=("init",)),
+    Key("base.path", str, "checkpoint directory (orbax, hf: config.json, model.safetensors, tokenizer.json; gs:// "
+        "works) or .npz file (big_vision_npz)", experiments=FINETUNE, form="path",
+        applies=_is("base.source", *CHECKPOINT_SOURCES), condition="base.source = orbax, big_vision_npz or hf"),
+    Key("base.path", str, "Hugging Face checkpoint directory (config.json, model.safetensors, tokenizer.json; gs:// "
+        "works)", experiments=LMC, form="path", applies=_is("base.source", "hf"), condition="base.source = hf"),
+    Key("base.reinit", str, "regex of parameter paths that keep their fresh initialization (hf: the head is "
+        "re-initialized when the task's classes differ from the checkpoint's)", experiments=FINETUNE, form="regex",
+        applies=_is_not("base.source", "hf"), condition="base.source != hf"),
     Key("pretrain.start", int, "pretraining uses training examples [start, start + num_train)", low=0, **_PRETRAIN),
     Key("pretrain.num_train", int, "number of pretraining examples", low=1, **_PRETRAIN),
     Key("pretrain.classes", str, "pretraining relabeling: '/'-separated groups of '+'-joined classes; '' = all",
@@ -277,8 +303,9 @@ KEYS: tuple[Key, ...] = (
         experiments=("cold",), low=1),
     Key("cold.start", int, "image tasks draw from training examples starting here", experiments=("cold",), low=0,
         applies=lambda config: config.dataset != "glue", condition="dataset != glue"),
-    Key("cold.max_len", int, "GLUE: bytes per example", experiments=("cold",), low=1, applies=_is("dataset", "glue"),
-        condition="dataset = glue"),
+    Key("cold.max_len", int, "text: tokens (bytes without a checkpoint) per example, special tokens included",
+        experiments=("cold",), low=1, applies=_is("dataset", *text_data.TEXT_DATASETS),
+        condition="dataset = glue or text_files"),
     # fed
     Key("partition.kind", str, "client split: iid, Dirichlet label skew per class, or k-class shards",
         experiments=FED, choices=partition.KINDS),
@@ -458,12 +485,29 @@ def base_checkpoint_is_named(config) -> None:
 
 
 def dataset_fits_model(config) -> None:
-  """glue is text: it needs the text transformer and a base that is not pretrained on images."""
-  if (config.dataset == "glue") != (config.model.name == "text_transformer"):
-    raise ConfigError(f"model.name={config.model.name!r} does not fit dataset={config.dataset!r}: glue needs "
-                      "model.name='text_transformer', image datasets an image model.")
-  if config.dataset == "glue" and config.base.source == "pretrain":
-    raise ConfigError("base.source='pretrain' trains on an image dataset; for glue use 'init' or 'orbax'.")
+  """Text (glue, text_files) needs the text transformer or a Hugging Face checkpoint (whose
+  model_type is checked against the data when it is read), and a base not pretrained on images."""
+  if config.base.source == "hf":
+    return
+  text = config.dataset in text_data.TEXT_DATASETS
+  if text != (config.model.name == "text_transformer"):
+    needs = (f"{config.dataset} needs model.name='text_transformer' or base.source='hf'" if text
+             else "image datasets need an image model")
+    raise ConfigError(f"model.name={config.model.name!r} does not fit dataset={config.dataset!r}: {needs}.")
+  if text and config.base.source == "pretrain":
+    raise ConfigError(f"base.source='pretrain' trains on an image dataset; for {config.dataset} use 'init', 'orbax' "
+                      "or 'hf'.")
+
+
+def mask_select_has_a_base(config) -> None:
+  """The magnitude rules rank the base's weights: they need a base that is not the seeded init."""
+  if config.mask.select != "random" and config.base.source == "init":
+    where = "base.source='hf'" if config.experiment in LMC else "a base.source other than 'init'"
+    raise ConfigError(f"mask.select={config.mask.select!r} ranks the pretrained base's weights by |w|, but "
+                      f"base.source='init' has no pretrained base; use {where}, or mask.select='random'.")
+  if config.mask.select != "random" and config.mask.granularity != "weight":
+    raise ConfigError(f"mask.select={config.mask.select!r} ranks single entries by |w|; it needs "
+                      f"mask.granularity='weight', not {config.mask.granularity!r}.")
 
 
 def tasks_fit_dataset(config) -> None:
@@ -504,8 +548,9 @@ def model_can_be_aligned(config) -> None:
 
 # (experiments, rule): checks that involve several keys, after every key passed on its own.
 RULES: tuple[tuple[tuple[str, ...], Callable[[Any], None]], ...] = (
-    (FINETUNE, base_checkpoint_is_named),
-    (("cold",), dataset_fits_model),
+    (FINETUNE + ("lmc",), base_checkpoint_is_named),
+    (("lmc", "soup", "cold"), dataset_fits_model),
+    (WITH_SELECT, mask_select_has_a_base),
     (("cold",), tasks_fit_dataset),
     (("cold",), tasks_fill_a_batch),
     (ALIGNED, model_can_be_aligned),

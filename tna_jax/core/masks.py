@@ -26,6 +26,7 @@ from tna_jax.errors import ConfigError, check_choice
 
 PyTree = Any
 GRANULARITIES = ("weight", "neuron")
+SELECTIONS = ("random", "magnitude_small", "magnitude_large")  # which eligible entries are fixed (`select`)
 REDRAWS = ("never", "every_round")  # MaskSpec.redraw: one mask for the whole run, or a new one each federated round
 # `include` names for the authors' layer-wise masks: every layer, the input layer, the hidden ones, the output layer.
 LAYER_PRESETS = ("all", "first", "middle", "last")
@@ -41,6 +42,7 @@ def fixed_mask(
     granularity: str = "weight",
     include: str = "",
     exclude: str = "",
+    select: str = "random",
 ) -> PyTree:
   """Draws the mask of entries held fixed (True) at their initial values.
 
@@ -56,6 +58,10 @@ def fixed_mask(
     include: regex; when set, only leaves whose path ('fc1/kernel') matches it are
       eligible. A name of `LAYER_PRESETS` selects layers instead (`layer_regex`).
     exclude: regex; leaves whose path matches it are never fixed.
+    select: 'random' draws each entry with probability `fixed_fraction`; 'magnitude_small'
+      / 'magnitude_large' fix exactly round(fixed_fraction * n) entries of each eligible
+      leaf, those of smallest / largest |w| in `params` (the base's pretrained values;
+      `magnitude_mask`). Magnitude rules are per entry: granularity must be 'weight'.
 
   Returns:
     A pytree of bool arrays with the structure and shapes of `params`.
@@ -63,6 +69,10 @@ def fixed_mask(
   if not 0.0 <= fixed_fraction < 1.0:
     raise ConfigError(f"mask fixed_fraction={fixed_fraction!r} is out of range; allowed: 0 <= fixed_fraction < 1.")
   check_choice("mask.granularity", granularity, GRANULARITIES)
+  check_choice("mask.select", select, SELECTIONS)
+  if select != "random" and granularity != "weight":
+    raise ConfigError(f"mask.select={select!r} ranks single entries by |w|; it needs mask.granularity='weight', "
+                      f"not {granularity!r}.")
   include_re = _compile(layer_regex(include, params), "mask.include")
   exclude_re = _compile(exclude, "mask.exclude")
   root = jax.random.key(seed)
@@ -71,6 +81,8 @@ def fixed_mask(
     eligible = (include_re is None or include_re.search(path)) and not (exclude_re and exclude_re.search(path))
     if not eligible or fixed_fraction == 0.0:
       return jnp.zeros(leaf.shape, bool)
+    if select != "random":
+      return magnitude_mask(leaf, fixed_fraction, tree_utils.path_key(root, path), largest=select == "magnitude_large")
     if granularity == "neuron" and leaf.ndim >= 1:
       module_path = path.rsplit("/", 1)[0]
       per_unit = jax.random.bernoulli(tree_utils.path_key(root, module_path), fixed_fraction, leaf.shape[-1:])
@@ -78,6 +90,22 @@ def fixed_mask(
     return jax.random.bernoulli(tree_utils.path_key(root, path), fixed_fraction, leaf.shape)
 
   return tree_utils.map_with_path_str(leaf_mask, params)
+
+
+def magnitude_mask(weights: jax.Array, fixed_fraction: float, key: jax.Array, largest: bool = False) -> jax.Array:
+  """Fixes exactly k = round(fixed_fraction * n) of the n entries of `weights`: those of
+  smallest |w| (or largest, with `largest`), ties broken by a random order drawn from `key`.
+
+  The rule reads only the values, so every model and contributor fine-tuned from the same
+  base gets the same mask; the seeded tie-break makes it total even where many entries are
+  equal (LoRA's `lora_b` starts at zero).
+  """
+  n = weights.size
+  k = int(round(fixed_fraction * n))
+  magnitude = jnp.abs(jnp.asarray(weights, jnp.float32).reshape(-1))
+  tie_break = jax.random.permutation(key, n)
+  order = jnp.lexsort((tie_break, -magnitude if largest else magnitude))  # the last key sorts first
+  return jnp.zeros(n, bool).at[order[:k]].set(True).reshape(weights.shape)
 
 
 def layer_regex(include: str, params: PyTree) -> str:
@@ -151,23 +179,26 @@ class MaskSpec:
   include: str = ""
   exclude: str = ""
   redraw: str = "never"  # never: one mask for the whole run; every_round: a new mask each round
+  select: str = "random"  # random | magnitude_small | magnitude_large (ranked by |w| of the params drawn for)
 
   def __post_init__(self):
     check_choice("mask.redraw", self.redraw, REDRAWS)
+    check_choice("mask.select", self.select, SELECTIONS)
 
   @classmethod
   def from_config(cls, mask_config) -> "MaskSpec":
-    """The spec of a config's `mask` section (a ConfigDict or mapping; `redraw` is optional,
-    since only federated configs have it)."""
+    """The spec of a config's `mask` section (a ConfigDict or mapping; `redraw` and `select`
+    are optional, since only federated configs have the one and fed configs lack the other)."""
     return cls(fixed_fraction=mask_config["fixed_fraction"], seed=mask_config["seed"],
                granularity=mask_config["granularity"], include=mask_config["include"],
-               exclude=mask_config["exclude"], redraw=mask_config.get("redraw", "never"))
+               exclude=mask_config["exclude"], redraw=mask_config.get("redraw", "never"),
+               select=mask_config.get("select", "random"))
 
   def draw(self, params: PyTree, seed: int | jax.Array | None = None) -> PyTree:
     """`fixed_mask` of `params` with this spec; `seed` (default: the spec's) may be traced,
     as when a federated round derives it from the round number."""
     return fixed_mask(params, self.fixed_fraction, seed=self.seed if seed is None else seed,
-                      granularity=self.granularity, include=self.include, exclude=self.exclude)
+                      granularity=self.granularity, include=self.include, exclude=self.exclude, select=self.select)
 
 
 def from_config(params: PyTree, mask_config) -> PyTree:

@@ -23,9 +23,9 @@ import jax
 import numpy as np
 
 from tna_jax.config import schema
-from tna_jax.core import data, masks, models, optim, sharding, text_data, train
+from tna_jax.core import data, masks, optim, sharding, text_data, train
 from tna_jax.errors import ConfigError
-from tna_jax.fusion import bases, cold_fusion, tasks
+from tna_jax.fusion import bases, cold_fusion, pretrained, tasks
 from tna_jax.runs import reporting, runtime
 
 
@@ -77,7 +77,7 @@ def glue_tasks(config) -> list[data.Dataset]:
   contributors, unseen = task_specs(config)
   picked = []
   for name in contributors + unseen:
-    task = text_data.load_glue(name, config.data_dir, config.cold.max_len)
+    task = text_data.load_glue(name, config.data_dir, config.cold.max_len, pretrained.tokenizer(config))
     n = config.cold.examples_per_task
     if len(task.train_labels) < n:
       raise ConfigError(f"GLUE {name} has {len(task.train_labels)} training examples; lower cold.examples_per_task={n}.")
@@ -104,12 +104,12 @@ def run(config, workdir: str) -> dict[str, Any]:
       task_list = glue_tasks(config)
       source = task_list[0]  # the input shape of `load_base`; glue bases are never pretrained
     else:
-      source = data.load_dataset(config.dataset, config.data_dir)
+      source = pretrained.load_dataset(config)  # images, or text_files whose tasks relabel its classes alike
       task_list = image_tasks(config, source)
     stacked = cold_fusion.stack_tasks(task_list, [True] * len(contributors) + [False] * len(unseen),
                                       config.eval_batch_size, config.num_test or None)
-    model = models.get_model(config.model, max(stacked.num_classes))
-    body = bases.load_source(config)  # a missing or corrupt checkpoint stops here, before the workdir
+    # A missing or corrupt checkpoint stops here, before the workdir; hf: the model is the checkpoint's.
+    model, body = pretrained.load_model(config, max(stacked.num_classes), source.image_shape)
 
     run.start()
     with run.timed("base"):
@@ -156,6 +156,8 @@ def run(config, workdir: str) -> dict[str, Any]:
     rows = table_rows(results, accuracy, stacked, variants)
     results["summary"] = rows
     write_outputs(run, config, results, fused, fixed, variants)
+    pretrained.export(run, config, model, {f"{v}_round{config.cold.rounds}": train.unstack(fused[-1], i)
+                                           for i, v in enumerate(variants)})
     run.finish(results, f"\nColD fusion: test accuracy % after fine-tuning each task from the base fused r times "
                f"(r=0: the original base); {config.model.name} on {config.dataset}, base {run.seconds['base']:.0f}s, "
                f"fusion {run.seconds['fusion']:.0f}s:\n" +

@@ -32,6 +32,7 @@ from tna_jax.alignment.measurement import (align_pairs, check_finite_curves, mak
                                            measure_k_models)
 from tna_jax.config import schema
 from tna_jax.core import data, execution, masks, models, optim, sharding, train
+from tna_jax.fusion import pretrained
 from tna_jax.runs import reporting, runtime
 
 
@@ -85,10 +86,12 @@ def run(config, workdir: str) -> dict[str, Any]:
   """
   validate(config)
   with runtime.Run(config, workdir) as run:
-    dataset = data.load_dataset(config.dataset, config.data_dir, config.num_train or None, config.num_test or None)
+    dataset = pretrained.load_dataset(config, config.num_train or None, config.num_test or None)
     train.check_batch_size(config.batch_size, len(dataset.train_labels))
-    model = models.get_model(config.model, dataset.num_classes)
-    variables = models.init_variables(model, jax.random.key(config.init_seed), dataset.image_shape, config.model.init)
+    # base.source=hf: every model is fine-tuned from the checkpoint's variables (the LMC of pretrained models).
+    model, variables = pretrained.load_model(config, dataset.num_classes, dataset.image_shape)
+    if variables is None:
+      variables = models.init_variables(model, jax.random.key(config.init_seed), dataset.image_shape, config.model.init)
     params = variables["params"]
     mask_spec = masks.MaskSpec.from_config(config.mask)
     starts = {v: masks.training_start(v, variables, mask_spec, config.pruning_fraction) for v in masks.TRAINING_VARIANTS}

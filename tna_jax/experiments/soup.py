@@ -37,8 +37,8 @@ import optax
 
 from tna_jax.alignment import matching
 from tna_jax.config import schema
-from tna_jax.core import data, evaluate, masks, models, optim, train
-from tna_jax.fusion import bases, model_soups, tasks
+from tna_jax.core import data, evaluate, masks, optim, train
+from tna_jax.fusion import bases, model_soups, pretrained, tasks
 from tna_jax.runs import reporting, runtime
 
 
@@ -91,15 +91,15 @@ def run(config, workdir: str) -> dict[str, Any]:
   """
   validate(config)
   with runtime.Run(config, workdir) as run:
-    dataset = data.load_dataset(config.dataset, config.data_dir, None, config.num_test or None)
+    dataset = pretrained.load_dataset(config, None, config.num_test or None)
     split = config.split
     finetune_ds = tasks.train_range(dataset, split.start, split.num_train, "split")
     heldout = tasks.train_range(dataset, split.start + split.num_train, split.num_heldout, "split.num_heldout")
     train.check_batch_size(config.batch_size, split.num_train, "fine-tuning examples (split.num_train)")
     # train.fit reports its per-epoch "test" metrics on the held-out split: the test split stays unseen.
     finetune_ds = dataclasses.replace(finetune_ds, test_images=heldout.train_images, test_labels=heldout.train_labels)
-    model = models.get_model(config.model, dataset.num_classes)
-    body = bases.load_source(config)  # a missing or corrupt checkpoint stops here, before the workdir
+    # A missing or corrupt checkpoint stops here, before the workdir; hf: the model is the checkpoint's.
+    model, body = pretrained.load_model(config, dataset.num_classes, dataset.image_shape)
 
     run.start()
     with run.timed("base"):
@@ -123,6 +123,8 @@ def run(config, workdir: str) -> dict[str, Any]:
       results["variants"][variant]["alignment"] = [alignment_summary(result) for result in matches]
     results["seconds"] = dict(run.seconds)
 
+    pretrained.export(run, config, model, {f"{v}_{name}": variables for v, r in results["variants"].items()
+                                           for name, variables in r["soups"].items()})
     rows = summary_rows(results["variants"])
     write_outputs(run, config, results, base, fixed, stacked, aligned)
     seconds = run.seconds

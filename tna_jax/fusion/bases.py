@@ -9,7 +9,9 @@ start, and soups of different heads fail). The body comes from one of BASE_SOURC
                   another part of the data (e.g. other classes), saved as an orbax
                   checkpoint the next run can start from;
   orbax           such a checkpoint (variables or params, as `checkpoints.save` writes);
-  big_vision_npz  a ViT checkpoint in big_vision's .npz layout (`tna_jax.fusion.big_vision_npz`).
+  big_vision_npz  a ViT checkpoint in big_vision's .npz layout (`tna_jax.fusion.big_vision_npz`);
+  hf              a Hugging Face checkpoint directory: the model itself (its architecture from
+                  config.json), its weights and its tokenizer (`tna_jax.fusion.pretrained`).
 
 `graft` puts the loaded body onto the model's fresh variables by parameter path, keeping
 the initialization only where `reinit` says (the head by default), and names every path
@@ -31,13 +33,14 @@ from tna_jax.fusion import big_vision_npz, tasks
 from tna_jax.runs import checkpoints, files, runtime
 
 PyTree = Any
-BASE_SOURCES = ("init", "pretrain", "orbax", "big_vision_npz")
+BASE_SOURCES = ("init", "pretrain", "orbax", "big_vision_npz", "hf")
 
 
 def load_source(config: ml_collections.ConfigDict) -> PyTree | None:
   """The base's body from `config.base.path` (source orbax or big_vision_npz), read and
   verified before the run takes its workdir, so a missing or corrupt file is an input
-  error that leaves nothing behind; None for the sources made here (init, pretrain)."""
+  error that leaves nothing behind; None for the sources made here (init, pretrain) and for
+  hf, whose model and variables come together from `pretrained.load_model`."""
   source = config.base.source
   check_choice("base.source", source, BASE_SOURCES)
   if source == "orbax":
@@ -55,10 +58,15 @@ def load_base(config: ml_collections.ConfigDict, model, dataset: data.Dataset, b
 
   `dataset` is what `pretrain` trains on (see `pretrain`); pretraining is a resumable
   phase of `run`, and the pretrained variables are saved as its checkpoint
-  `checkpoints/pretrained`, so later runs can use source='orbax'.
+  `checkpoints/pretrained`, so later runs can use source='orbax'. For source='hf', `body`
+  is the checkpoint's variables, head included, as `pretrained.load_model` made them.
   """
   source = config.base.source
   check_choice("base.source", source, BASE_SOURCES)
+  if source == "hf":
+    if body is None:
+      raise ValueError("base.source='hf': pass the variables of `pretrained.load_model` as `body`")
+    return body
   variables = models.init_variables(model, jax.random.key(config.init_seed), dataset.image_shape)
   if source == "init":
     return variables

@@ -72,6 +72,9 @@ def task_head(model, seed: int, input_shape: tuple[int, ...], num_classes: int) 
   ABSENT_CLASS_BIAS. Their softmax weight is exactly 0, so they get zero gradient, are
   never predicted, and the model is the task's `num_classes`-way classifier."""
   head = models.init_variables(model, jax.random.key(seed), input_shape)["params"]["head"]
+  if "out_proj" in head:  # RoBERTa's head (dense -> tanh -> out_proj): its output layer is out_proj
+    return {**head, "out_proj": {**head["out_proj"], "bias": head["out_proj"]["bias"].at[num_classes:].set(
+        ABSENT_CLASS_BIAS)}}
   return {**head, "bias": head["bias"].at[num_classes:].set(ABSENT_CLASS_BIAS)}
 
 
