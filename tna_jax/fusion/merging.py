@@ -287,10 +287,12 @@ class Merger:
     return _add(base, merged, self.lam, fixed)
 
 
+@jax.jit(static_argnums=0)
 def merge_variables(merger: Merger, base: dict, stacked: dict, *, weights: jax.Array | None = None,
                     fixed: PyTree | None = None, key: jax.Array | None = None) -> dict:
   """A model's variables merged: 'params' by `merger` (`fixed` is a mask over the params), every
-  other collection (BatchNorm statistics) by the weighted mean of the models."""
+  other collection (BatchNorm statistics) by the weighted mean of the models. One compiled
+  program per operator (and per stack shape)."""
   rest = {k: model_soups.uniform_soup(v, weights) for k, v in stacked.items() if k != "params"}
   return {"params": merger(base["params"], stacked["params"], weights=weights, fixed=fixed, key=key), **rest}
 
