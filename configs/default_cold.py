@@ -26,5 +26,6 @@ def get_config(arg=None):
       examples_per_task=2000,  # each task's own training examples
       start=10000,  # image datasets: task i draws from training examples [start + i * pool, ...)
       max_len=128,  # glue: bytes per example
+      merge="uniform",  # fusion of the contributors: uniform (their mean) | task_arithmetic | ties | dare (merging.*)
   ))
   return loader.apply_preset(config, arg)

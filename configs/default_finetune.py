@@ -54,6 +54,16 @@ def get_config():
   config.finetune = ml_collections.ConfigDict(dict(
       trainable="",  # regex of parameters that train ('' = all; 'lora|head' = LoRA fine-tuning)
   ))
+  # Merging operators (tna_jax.fusion.merging) of soup.methods and cold.merge; defaults: mergekit's lambda and
+  # normalize, TIES's top-20 % density, DARE combined as mergekit's dare_ties.
+  config.merging = ml_collections.ConfigDict({
+      "lambda": 1.0,  # base + lambda * merged task vector
+      "normalize": True,  # weights sum to 1: the mean task vector (task arithmetic), the disjoint mean (TIES)
+      "density": 0.2,  # TIES: fraction of each task vector's entries kept per leaf, by magnitude
+      "drop_rate": 0.5,  # DARE: drop probability p; survivors x 1/(1-p)
+      "dare_combine": "ties",  # DARE: task_arithmetic | ties
+      "seed": 0,  # DARE: seed of the drop
+  })
   config.optimizer = ml_collections.ConfigDict(dict(
       name="adamw", learning_rate=1e-3, momentum=0.9, nesterov=False, weight_decay=1e-4, schedule="constant",
       warmup_steps=0, grad_clip=1.0))

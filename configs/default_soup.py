@@ -31,6 +31,8 @@ def get_config(arg=None):
       augment="none,flip",  # none | flip | crop | flip+crop
       crop_padding=2,
       hparam_seed=0,
+      # Soups reported: uniform | greedy | task_arithmetic | ties | dare | greedy:<operator> (merging.* keys).
+      methods="uniform,greedy",
   ))
   # Post-hoc alignment: each model permuted onto model 0 of its variant, souped again (<variant>+<align>).
   config.align = "none"  # none | weight (Git Re-Basin weight matching) | activation (correlation matching)

@@ -171,7 +171,10 @@ def _tiny_soup_config(**overrides):
 
 
 # The soup config of the README, shrunk by :quick (a ViT of one block), with one augmentation: one fine-tuning program.
-SOUP_FLAGS = ["--config=configs/soup_vit_fmnist.py:quick", "--config.soup.augment=none", "--config.align=weight"]
+# Every merging operator (tests/fusion/test_merging.py checks their definitions) souped beside the plain soups.
+SOUP_METHODS = ("uniform", "greedy", "task_arithmetic", "ties", "dare", "greedy:ties")
+SOUP_FLAGS = ["--config=configs/soup_vit_fmnist.py:quick", "--config.soup.augment=none", "--config.align=weight",
+              f"--config.soup.methods={','.join(SOUP_METHODS)}"]
 
 
 def test_soup_experiment_with_weight_matching_end_to_end_writes_results_and_refuses_to_clobber(tmp_path):
@@ -179,7 +182,7 @@ def test_soup_experiment_with_weight_matching_end_to_end_writes_results_and_refu
                           capture_output=True, text=True, timeout=600, env={**os.environ, "PYTHONPATH": str(ROOT)})
   assert result.returncode == 0, result.stderr[-3000:]
   for text in ("uniform soup", "greedy soup", "best single", "vanilla+weight", "tna+weight", "held-out %",
-               "Matching of each model onto model 0", "units moved"):
+               "Matching of each model onto model 0", "units moved", "task arithmetic", "TIES", "DARE", "greedy TIES"):
     assert text in result.stdout
   saved = json.loads((tmp_path / "results.json").read_text())
   k = saved["config"]["soup"]["num_models"]
@@ -187,8 +190,12 @@ def test_soup_experiment_with_weight_matching_end_to_end_writes_results_and_refu
   assert list(saved["variants"]) == ["vanilla", "tna", "vanilla+weight", "tna+weight"]
   for variant, r in saved["variants"].items():
     assert len(r["individual"]["test"]) == k and r["greedy"]["heldout"] >= r["best_single"]["heldout"]
-    for kind in ("uniform", "greedy"):
-      assert 0 < r[kind]["test"] <= 1 and (tmp_path / "checkpoints" / f"{variant}_{kind}").is_dir()
+    for kind in SOUP_METHODS:
+      assert 0 < r[kind]["test"] <= 1 and 0 < r[kind]["heldout"] <= 1, (variant, kind)
+      assert (tmp_path / "checkpoints" / f"{variant}_{kind.replace(':', '_')}").is_dir()
+    assert r["greedy:ties"]["ingredients"] and len(r["greedy:ties"]["candidate_heldout"]) == k
+    # With normalized weights and lambda 1 (the defaults), task arithmetic is the uniform soup up to float rounding.
+    assert r["task_arithmetic"]["test"] == pytest.approx(r["uniform"]["test"], abs=0.011)
   for variant in ("vanilla", "tna"):
     matched = saved["variants"][f"{variant}+weight"]
     # Matching permutes units and so keeps what every model computes (to one held-out example, for float ties).

@@ -22,7 +22,7 @@ from tna_jax.config import grid
 from tna_jax.core import data, masks, models, optim, sharding, text_data, transformer_models
 from tna_jax.errors import ConfigError, check_choice
 from tna_jax.federated import algorithms, partition
-from tna_jax.fusion import bases, tasks
+from tna_jax.fusion import bases, merging, tasks
 from tna_jax.runs import workdir
 
 ALL = tuple(experiments.EXPERIMENTS)
@@ -131,6 +131,22 @@ def _is(path: str, *values) -> Callable[[Any], bool]:
 
 def _is_not(path: str, *values) -> Callable[[Any], bool]:
   return lambda config: grid.get_value(config, path) not in values
+
+
+def _merge_operators(config) -> set[str]:
+  """The merging operators a soup (`soup.methods`) or ColD (`cold.merge`) config uses."""
+  if config.experiment == "cold":
+    return {config.cold.merge}
+  return {merging.soup_operator(m)[1] for m in values(config, "soup.methods")}
+
+
+def _merging(hyperparameter: str, *operators: str) -> dict[str, Any]:
+  """`applies` and `condition` of a `merging.*` key: some chosen operator reads `hyperparameter`."""
+  uses = lambda config: any(hyperparameter in merging.HYPERPARAMETERS[op] for op in _merge_operators(config))
+  where = " or ".join(operators)
+  return dict(experiments=FINETUNE, applies=uses,
+              condition={"soup": f"soup.methods uses {where} (alone or as greedy:<operator>)",
+                         "cold": f"cold.merge is {where}"})
 
 
 # ----------------------------------------------------------------------------- the keys
@@ -292,6 +308,26 @@ KEYS: tuple[Key, ...] = (
         choices=SOUP_AUGMENTATIONS),
     Key("soup.crop_padding", int, "padding of the crop augmentation", experiments=("soup",), low=1),
     Key("soup.hparam_seed", int, "seed of the models' hyperparameter draws", experiments=("soup",)),
+    Key("soup.methods", str, "soups made and reported: an operator of tna_jax.fusion.merging over all models, "
+        "'greedy' (Wortsman et al.'s greedy soup, by averaging) or 'greedy:<operator>' (the greedy soup with that "
+        "operator)", experiments=("soup",), item=str, choices=merging.SOUP_METHODS),
+    Key("cold.merge", str, "how contributors are fused into the next base: uniform (their mean) or another "
+        "operator of tna_jax.fusion.merging on their task vectors against the round's base", experiments=("cold",),
+        choices=merging.NAMES),
+    Key("merging.lambda", float, "scale of the merged task vector: base + lambda * merged (mergekit's lambda)",
+        **_merging("lam", "task_arithmetic", "ties", "dare")),
+    Key("merging.normalize", bool, "divide the models' weights by their sum (task arithmetic: the mean task vector; "
+        "TIES: the disjoint mean); false = Ilharco et al.'s plain sum", **_merging("normalize", "task_arithmetic",
+                                                                                  "ties", "dare")),
+    Key("merging.density", float, "TIES: fraction of each task vector's (trainable) entries kept per leaf, by "
+        "magnitude", low=0, low_open=True, high=1, **_merging("density", "ties")),
+    Key("merging.drop_rate", float, "DARE: probability that a task-vector entry is dropped (survivors x 1/(1-p))",
+        low=0, high=1, high_open=True, **_merging("drop_rate", "dare")),
+    Key("merging.dare_combine", str, "DARE: how the dropped task vectors are combined (ties = sign election and "
+        "disjoint mean, no trim: mergekit's dare_ties)", choices=merging.DARE_COMBINES,
+        **_merging("combine", "dare")),
+    Key("merging.seed", int, "DARE: seed of the drop (per leaf by path; ColD folds in the round)",
+        **_merging("seed", "dare")),
     Key("cold.tasks", str, "contributors' tasks, ','-separated: relabelings ('0+2/1/3', images) or GLUE task names",
         experiments=("cold",), item=str, form="relabelings or GLUE task names"),
     Key("cold.unseen_tasks", str, "tasks fine-tuned from every round's base but never fused", experiments=("cold",),

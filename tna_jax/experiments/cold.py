@@ -4,7 +4,8 @@ one shared TNA-PFN mask.
 This module turns the config into tasks, a base and masks, runs `cold_fusion.cold_fusion` for
 every variant at once on the mesh (`tna_jax.core.sharding`) and writes the results. Round 0's
 accuracies are the baseline "fine-tuning from the original base", round r's are
-"fine-tuning from the base fused r times"; unseen tasks never enter the fused base.
+"fine-tuning from the base fused r times"; unseen tasks never enter the fused base. `cold.merge`
+picks the operator that fuses the contributors (`tna_jax.fusion.merging`; uniform = their mean).
 
 Tasks: for image datasets, relabelings ('0+2/1/3': '/'-separated groups of '+'-joined
 classes; each task takes its examples from its own stretch of the training split); for
@@ -25,7 +26,7 @@ import numpy as np
 from tna_jax.config import schema
 from tna_jax.core import data, masks, optim, sharding, text_data, train
 from tna_jax.errors import ConfigError
-from tna_jax.fusion import bases, cold_fusion, pretrained, tasks
+from tna_jax.fusion import bases, cold_fusion, merging, pretrained, tasks
 from tna_jax.runs import reporting, runtime
 
 
@@ -142,7 +143,7 @@ def run(config, workdir: str) -> dict[str, Any]:
           model, tx, stacked_base, heads, train.stack([fixed[v] for v in variants]), stacked,
           rounds=config.cold.rounds, epochs=config.cold.epochs_per_round, batch_size=config.batch_size,
           data_seeds=[config.data_seed + t for t in range(len(stacked.names))], mesh=mesh, done=done,
-          on_round=record)
+          on_round=record, merger=merging.Merger.from_config(config.cold.merge, config))
 
     results = {
         "config": config.to_dict(),
@@ -159,7 +160,7 @@ def run(config, workdir: str) -> dict[str, Any]:
     pretrained.export(run, config, model, {f"{v}_round{config.cold.rounds}": train.unstack(fused[-1], i)
                                            for i, v in enumerate(variants)})
     run.finish(results, f"\nColD fusion: test accuracy % after fine-tuning each task from the base fused r times "
-               f"(r=0: the original base); {config.model.name} on {config.dataset}, base {run.seconds['base']:.0f}s, "
+               f"(r=0: the original base; fused by {config.cold.merge}); {config.model.name} on {config.dataset}, base {run.seconds['base']:.0f}s, "
                f"fusion {run.seconds['fusion']:.0f}s:\n" +
                reporting.format_table(rows, table_columns(config.cold.rounds)))
   return results

@@ -1,5 +1,5 @@
-"""The `soup` experiment: K models fine-tuned from one base, uniform and greedy soups, with
-and without one shared TNA-PFN mask.
+"""The `soup` experiment: K models fine-tuned from one base, uniform and greedy soups (and the
+merging operators of `soup.methods`), with and without one shared TNA-PFN mask.
 
 Every model starts from the same base (`bases.load_base`: a pretrained body and one
 shared head initialization) and draws its own hyperparameters: learning-rate factor,
@@ -15,21 +15,30 @@ matched, so one table sets the soups of vanilla, TNA-PFN, matched-vanilla and ma
 models side by side with no extra training. Activation matching correlates the models on
 the first `matching.batches` fine-tuning batches.
 
+`soup.methods` lists the soups: `uniform` and `greedy` (Wortsman et al.; the default), the
+operators of `tna_jax.fusion.merging` over all K models (`task_arithmetic`, `ties`, `dare`: task
+vectors against the base, hyperparameters `merging.*`) and `greedy:<operator>`, the greedy soup
+whose candidates are that operator's merge of the accepted models and the next one
+(`model_soups.greedy_soup`). Operators keep the base's values at each unaligned variant's fixed
+entries (TNA-PFN's mask; vanilla: what `finetune.trainable` freezes); the uniform and greedy
+soups stay the plain means they always were. Matched variants' task vectors are taken against
+the base as it is (model 0's coordinates), with no mask, since matching moved the fixed entries.
+
 The training data are training examples [split.start, + split.num_train); the next
 split.num_heldout examples are the held-out split that ranks the models, decides the
 greedy soup and is what `train.fit` reports per epoch; the test split is only reported.
 
 Writes to the workdir: results.json, soup.png (held-out vs test accuracy of every model
-and soup), metrics.jsonl and orbax checkpoints (base, mask, <variant>_uniform,
-<variant>_greedy; checkpoints/pretrained when the base was pretrained here; when aligned,
-<variant>+<align>_uniform, _greedy and _perms, the permutation of each model k >= 1).
+and soup), metrics.jsonl and orbax checkpoints (base, mask, <variant>_<method> for each soup method,
+':' written '_'; checkpoints/pretrained when the base was pretrained here; when aligned,
+<variant>+<align>_<method> and _perms, the permutation of each model k >= 1).
 Pretraining and each fine-tuning group are resumable phases (`tna_jax.runs.runtime`): a
 killed run resumes where it stopped when the same command runs again; matching and soups
 are deterministic functions of the models.
 """
 
 import dataclasses
-from typing import Any
+from typing import Any, Sequence
 
 import jax
 import numpy as np
@@ -38,17 +47,11 @@ import optax
 from tna_jax.alignment import matching
 from tna_jax.config import schema
 from tna_jax.core import data, evaluate, masks, optim, train
-from tna_jax.fusion import bases, model_soups, pretrained, tasks
+from tna_jax.fusion import bases, merging, model_soups, pretrained, tasks
 from tna_jax.runs import reporting, runtime
 
 
-SUMMARY_COLUMNS = (
-    ("variant", "variant", "s"),
-    ("model", "method", "s"),
-    ("held-out %", "heldout", ".2f"),
-    ("test %", "test", ".2f"),
-    ("models", "models", "s"),
-)
+OPERATOR_LABELS = {"uniform": "uniform soup", "task_arithmetic": "task arithmetic", "ties": "TIES", "dare": "DARE"}
 ALIGNMENT_COLUMNS = (
     ("variant", "variant", "s"),
     ("model", "k", "d"),
@@ -116,16 +119,21 @@ def run(config, workdir: str) -> dict[str, Any]:
     with run.timed("soups"):
       batches = {"heldout": evaluate.make_batches(heldout.train_images, heldout.train_labels, config.eval_batch_size),
                  "test": evaluate.make_batches(dataset.test_images, dataset.test_labels, config.eval_batch_size)}
-      souped = {**{v: stacked[v].variables for v in variants}, **{v: a[0] for v, a in aligned.items()}}
+      # Each stack with the mask its operators keep: none for matched models (matching moved their fixed entries).
+      souped = {**{v: (stacked[v].variables, fixed[v]) for v in variants},
+                **{v: (a[0], None) for v, a in aligned.items()}}
+      methods = schema.values(config, "soup.methods")
+      mergers = {name: merging.Merger.from_config(name, config) for name in merging.NAMES}
       results = {"config": config.to_dict(), "hyperparameters": hparams,
-                 "variants": {v: make_soups(model, models_of_v, batches, dataset) for v, models_of_v in souped.items()}}
+                 "variants": {v: make_soups(model, models_of_v, batches, dataset, methods, mergers, base, fixed_of_v)
+                              for v, (models_of_v, fixed_of_v) in souped.items()}}
     for variant, (_, matches) in aligned.items():
       results["variants"][variant]["alignment"] = [alignment_summary(result) for result in matches]
     results["seconds"] = dict(run.seconds)
 
     pretrained.export(run, config, model, {f"{v}_{name}": variables for v, r in results["variants"].items()
                                            for name, variables in r["soups"].items()})
-    rows = summary_rows(results["variants"])
+    rows = summary_rows(results["variants"], methods)
     write_outputs(run, config, results, base, fixed, stacked, aligned)
     seconds = run.seconds
     matched = f", {config.align} matching {seconds['align']:.1f}s" if aligned else ""
@@ -134,8 +142,9 @@ def run(config, workdir: str) -> dict[str, Any]:
     run.finish(results, f"\nPer model (held-out / test accuracy %, {config.model.name} on {config.dataset}):\n" +
                reporting.format_table(model_rows(results), model_columns(variants)) +
                f"\n\nModel soups of {config.soup.num_models} fine-tuned models (base {seconds['base']:.0f}s, "
-               f"fine-tuning {seconds['finetune']:.0f}s{matched}, soups {seconds['soups']:.1f}s):\n" +
-               reporting.format_table(rows, SUMMARY_COLUMNS) + matching_table)
+               f"fine-tuning {seconds['finetune']:.0f}s{matched}, soups {seconds['soups']:.1f}s); each cell "
+               "held-out % / test %, greedy soups with their ingredients:\n" +
+               reporting.format_table(rows, summary_columns(results["variants"])) + matching_table)
   return results
 
 
@@ -198,48 +207,77 @@ def alignment_summary(result: matching.MatchResult) -> dict[str, float]:
   return {**result.summary(), "units_moved": moved}
 
 
-def make_soups(model, stacked: dict, batches: dict, dataset: data.Dataset) -> dict[str, Any]:
-  """Held-out and test accuracy of every model of the stacked variables, the uniform and
-  greedy soups, the best model.
+def make_soups(model, stacked: dict, batches: dict, dataset: data.Dataset, methods: Sequence[str] = ("uniform", "greedy"),
+               mergers: dict[str, merging.Merger] | None = None, base: dict | None = None,
+               fixed: dict | None = None) -> dict[str, Any]:
+  """Held-out and test accuracy of every model of the stacked variables, of each soup of
+  `methods` (`merging.SOUP_METHODS`) and of the best model.
 
-  The K models and the two soups are evaluated together: one compiled call per split.
+  Operators other than uniform merge task vectors against `base` with `mergers[name]`, keeping
+  the entries of `fixed` (or no mask: None). The K models and every soup are evaluated together:
+  one compiled call per split.
   """
   k = jax.tree.leaves(stacked)[0].shape[0]
-  uniform = model_soups.uniform_soup(stacked)
-  greedy = model_soups.greedy_soup(model, stacked, batches["heldout"], dataset.mean, dataset.std)
-  everything = jax.tree.map(lambda x, u, g: np.concatenate([x, u[None], g[None]]), stacked, uniform, greedy.variables)
+  soups, greedy = {}, {}
+  for method in methods:
+    is_greedy, name = merging.soup_operator(method)
+    if is_greedy:
+      merger = None if name == "uniform" else mergers[name]
+      greedy[method] = model_soups.greedy_soup(model, stacked, batches["heldout"], dataset.mean, dataset.std,
+                                               merger=merger, base=base, fixed=fixed)
+      soups[method] = greedy[method].variables
+    elif name == "uniform":
+      soups[method] = model_soups.uniform_soup(stacked)
+    else:
+      soups[method] = merging.merge_variables(mergers[name], base, stacked, fixed=fixed)
+  everything = jax.tree.map(lambda x, *s: np.concatenate([x, *(v[None] for v in s)]), stacked, *soups.values())
   accuracy = {split: np.asarray(model_soups.evaluate_stack(model, everything, b, dataset.mean, dataset.std)["accuracy"])
               for split, b in batches.items()}
-  best = int(greedy.order[0])
-  return {
+  best = int(np.argmax(accuracy["heldout"][:k]))
+  results = {
       "individual": {split: acc[:k].tolist() for split, acc in accuracy.items()},
       "best_single": {"index": best, "heldout": float(accuracy["heldout"][best]), "test": float(accuracy["test"][best])},
-      "uniform": {split: float(acc[k]) for split, acc in accuracy.items()},
-      "greedy": {"heldout": float(accuracy["heldout"][k + 1]), "test": float(accuracy["test"][k + 1]),
-                 "ingredients": np.flatnonzero(np.asarray(greedy.ingredients)).tolist(),
-                 "order": np.asarray(greedy.order).tolist(),
-                 "candidate_heldout": np.asarray(greedy.candidate_accuracy).tolist()},
-      "soups": {"uniform": uniform, "greedy": greedy.variables},
   }
+  for i, method in enumerate(soups):
+    results[method] = {split: float(acc[k + i]) for split, acc in accuracy.items()}
+    if method in greedy:
+      results[method].update(ingredients=np.flatnonzero(np.asarray(greedy[method].ingredients)).tolist(),
+                             order=np.asarray(greedy[method].order).tolist(),
+                             candidate_heldout=np.asarray(greedy[method].candidate_accuracy).tolist())
+  results["soups"] = soups
+  return results
 
 
 # ----------------------------------------------------------------------------- outputs
 
 
-def summary_rows(per_variant: dict) -> list[dict]:
-  rows = []
-  for variant, r in per_variant.items():
-    k = len(r["individual"]["test"])
-    rows += [
-        {"variant": variant, "method": "mean of models", "heldout": 100 * np.mean(r["individual"]["heldout"]),
-         "test": 100 * np.mean(r["individual"]["test"]), "models": f"{k}"},
-        {"variant": variant, "method": "best single", "heldout": 100 * r["best_single"]["heldout"],
-         "test": 100 * r["best_single"]["test"], "models": f"#{r['best_single']['index']}"},
-        {"variant": variant, "method": "uniform soup", "heldout": 100 * r["uniform"]["heldout"],
-         "test": 100 * r["uniform"]["test"], "models": f"{k}/{k}"},
-        {"variant": variant, "method": "greedy soup", "heldout": 100 * r["greedy"]["heldout"],
-         "test": 100 * r["greedy"]["test"], "models": f"{len(r['greedy']['ingredients'])}/{k}"},
-    ]
+def method_label(method: str) -> str:
+  """'greedy soup', 'TIES', 'greedy TIES', ... for a `soup.methods` item."""
+  is_greedy, name = merging.soup_operator(method)
+  if method == "greedy":
+    return "greedy soup"
+  return f"greedy {OPERATOR_LABELS[name]}" if is_greedy else OPERATOR_LABELS[name]
+
+
+def summary_columns(per_variant: dict) -> tuple:
+  return (("model", "method", "s"), *((variant, variant, "s") for variant in per_variant))
+
+
+def summary_rows(per_variant: dict, methods: list[str]) -> list[dict]:
+  """One row per soup (after the mean of the models and the best single one), one column per
+  variant: every operator beside every variant, each cell 'held-out % / test %'."""
+  cell = lambda r: f"{100 * r['heldout']:.2f} / {100 * r['test']:.2f}"
+  rows = [{"method": "mean of models", **{v: f"{100 * np.mean(r['individual']['heldout']):.2f} / "
+                                            f"{100 * np.mean(r['individual']['test']):.2f}"
+                                         for v, r in per_variant.items()}},
+          {"method": "best single", **{v: f"{cell(r['best_single'])} (#{r['best_single']['index']})"
+                                      for v, r in per_variant.items()}}]
+  for method in methods:
+    row = {"method": method_label(method)}
+    for v, r in per_variant.items():
+      k = len(r["individual"]["test"])
+      row[v] = cell(r[method]) + (f" ({len(r[method]['ingredients'])}/{k})" if "ingredients" in r[method] else "")
+    rows.append(row)
   return rows
 
 
@@ -277,7 +315,7 @@ def write_outputs(run: runtime.Run, config, results: dict, base: dict, fixed: di
       run.save(f"{variant}_{k}", train.unstack(stacked[variant].variables, k))
   for variant, r in results["variants"].items():
     for name, variables in r.pop("soups").items():
-      run.save(f"{variant}_{name}", variables)
+      run.save(f"{variant}_{name.replace(':', '_')}", variables)
   for variant, (_, matches) in aligned.items():
     run.save(f"{variant}_perms", {str(k): result.perms for k, result in enumerate(matches, start=1)})
   plot_soups(run.path("soup.png"), results["variants"],
@@ -291,9 +329,10 @@ def plot_soups(path, per_variant: dict, title: str) -> None:
     color = f"C{i}"
     ax.scatter(100 * np.asarray(r["individual"]["heldout"]), 100 * np.asarray(r["individual"]["test"]), color=color,
                alpha=0.6, label=f"{variant}: fine-tuned models")
-    for key, marker in (("uniform", "*"), ("greedy", "D")):
-      ax.scatter(100 * r[key]["heldout"], 100 * r[key]["test"], color=color, marker=marker, s=160,
-                 edgecolor="black", label=f"{variant}: {key} soup")
+    soups = [m for m in merging.SOUP_METHODS if m in r]
+    for method, marker in zip(soups, ("*", "D", "s", "^", "v", "P", "X", "p")):
+      ax.scatter(100 * r[method]["heldout"], 100 * r[method]["test"], color=color, marker=marker, s=160,
+                 edgecolor="black", label=f"{variant}: {method_label(method)}")
   ax.set(xlabel="held-out accuracy (%)", ylabel="test accuracy (%)", title=title)
   ax.grid(alpha=0.3)
   ax.legend(fontsize=8)

@@ -3,7 +3,8 @@
 Round r fine-tunes the current base on every task, each with its own head (re-initialized
 to the task's seeded head every round, `task_head`) and its own training data; the
 contributors' fine-tuned models are averaged into the next base (`fuse`: entries a
-TNA-PFN mask holds fixed stay the base's). Round 0 starts from the original base, so its
+TNA-PFN mask holds fixed stay the base's), or merged from their task vectors against the
+round's base by another operator of `tna_jax.fusion.merging` (`merger`). Round 0 starts from the original base, so its
 accuracies are "fine-tuning from the original base", and round r's are "fine-tuning from
 the base fused r times". Unseen tasks are fine-tuned and evaluated every round like
 contributors but never enter the average: they measure the fused base as a starting point
@@ -25,7 +26,7 @@ import numpy as np
 from tqdm import tqdm
 
 from tna_jax.core import data, evaluate, execution, masks, models, sharding, stacking, train
-from tna_jax.fusion import model_soups
+from tna_jax.fusion import merging, model_soups
 
 PyTree = Any
 ABSENT_CLASS_BIAS = -1e9
@@ -78,14 +79,19 @@ def task_head(model, seed: int, input_shape: tuple[int, ...], num_classes: int) 
   return {**head, "bias": head["bias"].at[num_classes:].set(ABSENT_CLASS_BIAS)}
 
 
-def fuse(trained: PyTree, base: PyTree, fixed: PyTree, weights: jax.Array) -> dict:
+def fuse(trained: PyTree, base: PyTree, fixed: PyTree, weights: jax.Array, merger: merging.Merger | None = None,
+         key: jax.Array | None = None) -> dict:
   """One variant's next base from its T fine-tuned models (variables stacked [T]).
 
   The params are the weighted mean of the models (`weights` [T]: 1 for contributors, 0 for
   unseen tasks), except that entries the mask `fixed` holds are the previous `base`'s,
   bit for bit (`masks.keep_fixed`); other collections (BatchNorm statistics) are the
-  contributors' mean.
+  contributors' mean. With a `merger` other than uniform, the params are that operator's
+  merge of the contributors' task vectors against `base` instead (`merging.merge_variables`,
+  the same weights and mask; `key` seeds DARE's drop).
   """
+  if merger is not None and merger.name != "uniform":
+    return merging.merge_variables(merger, base, trained, weights=weights, fixed=fixed, key=key)
   params = masks.keep_fixed(model_soups.uniform_soup(trained["params"], weights), base["params"], fixed)
   return {"params": params, **{k: model_soups.uniform_soup(v, weights) for k, v in trained.items() if k != "params"}}
 
@@ -94,7 +100,7 @@ def cold_fusion(model, tx, base: dict, heads: PyTree, fixed: PyTree, tasks: Task
                 batch_size: int, data_seeds: list[int], mesh: jax.sharding.Mesh | None = None,
                 done: tuple[list[dict], list[np.ndarray]] | None = None,
                 on_round: Callable[[int, train.TrainState, dict, list[dict]], None] | None = None,
-                progress: bool = True) -> tuple[np.ndarray, list[dict]]:
+                progress: bool = True, merger: merging.Merger | None = None) -> tuple[np.ndarray, list[dict]]:
   """ColD fusion for V variants at once.
 
   Args:
@@ -114,6 +120,8 @@ def cold_fusion(model, tx, base: dict, heads: PyTree, fixed: PyTree, tasks: Task
       result does not depend on it beyond float rounding.
     done: (bases 0..r, accuracies of rounds 0..r-1) of a resumed run: fusion continues at
       round r exactly as if it had never stopped.
+    merger: how the contributors are fused (`merging.Merger`); None or uniform: their mean
+      (`fuse`). DARE's drop in round r is keyed by fold_in(key(merger.seed), r).
     on_round: called after each round with (round, trained states [V*T], metrics {'accuracy':
       test accuracy [V, T], 'train_loss': last epoch's loss [V*T]}, the bases so far).
 
@@ -143,9 +151,11 @@ def cold_fusion(model, tx, base: dict, heads: PyTree, fixed: PyTree, tasks: Task
     return epoch_fn(states, keys, images, labels)
 
   @jax.jit(out_shardings=replicated)
-  def fuse_all(variables, bases, fixed, weights):  # [V*T] trained models -> the V next bases
+  def fuse_all(variables, bases, fixed, weights, r):  # [V*T] trained models -> the V next bases
     by_variant = jax.tree.map(lambda x: x.reshape((num_variants, num_tasks) + x.shape[1:]), variables)
-    return jax.vmap(fuse, in_axes=(0, 0, 0, None))(by_variant, bases, fixed, weights)
+    key = jax.random.fold_in(jax.random.key(merger.seed), r) if merger is not None else None
+    return jax.vmap(lambda *args: fuse(*args, merger=merger, key=key), in_axes=(0, 0, 0, None))(
+        by_variant, bases, fixed, weights)
 
   images, labels, test, seeds, heads = sharding.put(
       (tile(tasks.train_images), tile(tasks.train_labels), tile(sharding.fetch(tasks.test)),
@@ -167,7 +177,7 @@ def cold_fusion(model, tx, base: dict, heads: PyTree, fixed: PyTree, tasks: Task
     accuracy.append(acc)
     bar.set_postfix(round=r, acc=" ".join(f"{a:.3f}" for a in acc.mean(axis=1)))
     if r < rounds:
-      bases.append(fuse_all(states.variables, bases[-1], fixed, weights))
+      bases.append(fuse_all(states.variables, bases[-1], fixed, weights, r))
     if on_round:
       on_round(r, states, {"accuracy": acc, "train_loss": sharding.fetch(epoch_metrics["loss"])}, bases)
   bar.close()

@@ -72,15 +72,28 @@ class GreedySoup(NamedTuple):
   candidate_accuracy: jax.Array  # [K] held-out accuracy of the candidate when order[i] was tried
 
 
-def greedy_soup(model, stacked_variables: PyTree, batches: evaluate.Batches, mean, std) -> GreedySoup:
+def greedy_soup(model, stacked_variables: PyTree, batches: evaluate.Batches, mean, std, *, merger=None,
+                base: dict | None = None, fixed: PyTree | None = None) -> GreedySoup:
   """Wortsman et al.'s greedy soup on the held-out `batches`, as one compiled call.
 
   Starts from the model with the best held-out accuracy; each next model (by decreasing
   held-out accuracy) enters only if the candidate average is strictly more accurate on the
   held-out split than the soup so far. So the soup is never worse on held-out data than
   the best single model, which is where it starts.
+
+  With a `merger` (`merging.Merger`) other than uniform, the soup of a set of models is that
+  operator over them instead of their average: task vectors against `base` (variables), the
+  params merged by the operator under the mask `fixed` (optional), other collections averaged
+  (`merging.merge_variables`). The set is a 0/1 weight vector over the K models, so every
+  candidate is the same compiled program: the scan starts from the soup of the best model
+  alone and tries soup(accepted + next). The operator's trim and drop do not depend on the
+  set and are made once. A one-model TIES or DARE soup is the trimmed or dropped model, so
+  this soup starts from (and can end at) less than the best single model's accuracy.
+  Without a merger (or with uniform) it is the plain greedy soup, bit for bit as before.
   """
-  return _greedy(model, tuple(mean), tuple(std), stacked_variables, batches)
+  if merger is None or merger.name == "uniform":
+    return _greedy(model, tuple(mean), tuple(std), stacked_variables, batches)
+  return _greedy_merged(model, tuple(mean), tuple(std), merger, stacked_variables, batches, base, fixed)
 
 
 @jax.jit(static_argnums=(0, 1, 2))
@@ -108,6 +121,36 @@ def _greedy(model, mean, std, stacked, batches) -> GreedySoup:
   return GreedySoup(variables=jax.tree.map(lambda t: t / count, total), heldout_accuracy=best,
                     ingredients=ingredients, order=order, individual_accuracy=individual,
                     candidate_accuracy=jnp.concatenate([individual[order[:1]], tried]))
+
+
+@jax.jit(static_argnums=(0, 1, 2, 3))
+def _greedy_merged(model, mean, std, merger, stacked, batches, base, fixed) -> GreedySoup:
+  apply_fn = evaluate.inference_fn(model)
+
+  def accuracy(variables):
+    return evaluate.evaluate(apply_fn, variables, batches, mean, std)["accuracy"]
+
+  individual = stacking.map_stacked(accuracy, sequential=execution.policy().sequential)(stacked)
+  order = jnp.argsort(-individual, stable=True)
+  taus = merger.task_vectors(base["params"], stacked["params"], fixed)
+
+  def soup(include):
+    rest = {k: uniform_soup(v, include) for k, v in stacked.items() if k != "params"}
+    return {"params": merger.combine_vectors(base["params"], taus, include, fixed), **rest}
+
+  start = jnp.zeros(individual.shape, jnp.float32).at[order[0]].set(1)
+  start_accuracy = accuracy(soup(start))
+
+  def step(carry, k):
+    include, best = carry
+    candidate = include.at[k].set(1)
+    candidate_accuracy = accuracy(soup(candidate))
+    accept = candidate_accuracy > best
+    return (jnp.where(accept, candidate, include), jnp.maximum(best, candidate_accuracy)), candidate_accuracy
+
+  (include, best), tried = jax.lax.scan(step, (start, start_accuracy), order[1:])
+  return GreedySoup(variables=soup(include), heldout_accuracy=best, ingredients=include > 0, order=order,
+                    individual_accuracy=individual, candidate_accuracy=jnp.concatenate([start_accuracy[None], tried]))
 
 
 def align_to_first(method: str, model, stacked_variables: PyTree, *, images: jax.Array | None = None, mean=None,
