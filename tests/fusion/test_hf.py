@@ -15,6 +15,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+import safetensors.numpy
 import torch
 import transformers
 
@@ -216,6 +217,22 @@ def test_a_base_model_checkpoint_loads_its_body_and_initializes_the_head(checkpo
   _, full, _ = _load(path)
   chex.assert_trees_all_equal({k: v for k, v in variables["params"].items() if k != "head"},
                               {k: v for k, v in full["params"].items() if k != "head"})
+
+
+def test_a_sharded_checkpoint_loads_like_one_file(checkpoints, tmp_path):
+  """Large checkpoints come as model-0000x-of-0000n.safetensors shards and an index."""
+  path, _ = checkpoints["vit"]
+  tensors = safetensors.numpy.load_file(f"{path}/model.safetensors")
+  names = sorted(tensors)
+  weight_map = {}
+  for i, shard in enumerate((names[::2], names[1::2])):
+    safetensors.numpy.save_file({n: tensors[n] for n in shard}, tmp_path / f"model-{i}.safetensors")
+    weight_map.update({n: f"model-{i}.safetensors" for n in shard})
+  (tmp_path / "model.safetensors.index.json").write_text(json.dumps({"weight_map": weight_map}))
+  (tmp_path / "config.json").write_text(open(f"{path}/config.json").read())
+  _, variables, info = tj.from_hf(str(tmp_path))
+  assert info.reinitialized == info.unused == []
+  chex.assert_trees_all_equal(variables, _load(path)[1])
 
 
 def test_the_vit_takes_nhwc_and_grayscale_images(checkpoints):

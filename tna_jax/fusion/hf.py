@@ -389,7 +389,7 @@ def from_hf(path: str, *, num_labels: int | None = None, lora_rank: int = 0, lor
     row, leaf = rows[leaf_path]
     name = row.hf_name(leaf, body_prefix)
     stored = tensors.get(name)
-    expected = list(np.shape(row.to_hf(leaf, np.zeros(shape.shape, np.float32))))
+    expected = list(np.shape(row.to_hf(leaf, np.empty(shape.shape, np.float32))))  # views: no copy
     expected[row.out_axis(leaf)] *= row.part[1]  # the whole fused tensor
     if stored is not None and stored.shape == tuple(expected):
       params[leaf_path] = jnp.asarray(row.to_flax(leaf, np.asarray(stored, np.float32), shape.shape))
@@ -406,6 +406,9 @@ def from_hf(path: str, *, num_labels: int | None = None, lora_rank: int = 0, lor
                             f"the model's body are wrong, e.g. {'; '.join(missing[:3])}.")
   if reinitialized:
     params.update(_initialize(model, seed, tuple(reinitialized)))
+  if model.lora_rank:
+    logging.info("from_hf(%s): LoRA adapters of rank %d on %d projections, initialized from seed %d (lora_b = 0).",
+                 path, model.lora_rank, sum(p.endswith("lora_a") for p in reinitialized), seed)
   unused = sorted(set(tensors) - used)
   if unused:
     logging.info("from_hf(%s): %d checkpoint tensors unused by %s, e.g. %s.", path, len(unused),
