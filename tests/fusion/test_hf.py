@@ -6,6 +6,7 @@ checkpoints that transformers loads back to the same logits (LoRA merged), and h
 permutation symmetries their specs claim.
 """
 
+import copy
 import functools
 import json
 import logging
@@ -233,6 +234,20 @@ def test_a_sharded_checkpoint_loads_like_one_file(checkpoints, tmp_path):
   _, variables, info = tj.from_hf(str(tmp_path))
   assert info.reinitialized == info.unused == []
   chex.assert_trees_all_equal(variables, _load(path)[1])
+
+
+def test_a_bfloat16_checkpoint_loads_as_float32(checkpoints, tmp_path):
+  """safetensors.numpy cannot read bfloat16 (numpy has no such type); from_hf reads it exactly."""
+  path, reference = checkpoints["vit"]
+  rounded = copy.deepcopy(reference).to(torch.bfloat16)  # .to() is in place: the fixture's model stays float32
+  rounded.save_pretrained(tmp_path)
+  _, variables, _ = tj.from_hf(str(tmp_path))
+  expected = {k: v.float().numpy() for k, v in rounded.state_dict().items()}
+  assert variables["params"]["head"]["kernel"].dtype == jnp.float32
+  np.testing.assert_array_equal(variables["params"]["head"]["kernel"], expected["classifier.weight"].T)
+  patch = variables["params"]["embeddings"]["patch"]["kernel"]
+  np.testing.assert_array_equal(patch, expected["vit.embeddings.patch_embeddings.projection.weight"].transpose(2, 3, 1, 0))
+  assert not np.array_equal(patch, _load(path)[1]["params"]["embeddings"]["patch"]["kernel"])  # rounded to bfloat16
 
 
 def test_the_vit_takes_nhwc_and_grayscale_images(checkpoints):

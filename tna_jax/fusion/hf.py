@@ -3,8 +3,8 @@ the Flax models of `core.hf_models`, `to_hf` writes one back that transformers l
 
 A checkpoint is a directory (local, or a gs:// URL through `runs.files`) holding
 `config.json`, whose `model_type` picks the architecture, and `model.safetensors` (or its
-shards, `model.safetensors.index.json`), read with `safetensors.numpy`: PyTorch is never
-imported. Each architecture has one table of its modules (`_Tensor`: the Flax module, the
+shards, `model.safetensors.index.json`), read with `safetensors.numpy` (bfloat16, which
+numpy lacks, by the format's own layout): PyTorch is never imported. Each architecture has one table of its modules (`_Tensor`: the Flax module, the
 transformers module, how its weights are laid out), read in both directions, so loading
 and writing cannot drift apart:
 
@@ -311,12 +311,39 @@ def _read_weights(path: str) -> dict[str, np.ndarray]:
     raise DataNotFoundError(f"Hugging Face checkpoint {path!r} has no {WEIGHTS}{legacy}.")
   tensors = {}
   for shard in shards:
+    data = directory.joinpath(shard).read_bytes()
     try:
-      tensors.update(safetensors.numpy.load(directory.joinpath(shard).read_bytes()))
-    except KeyError as e:  # a dtype numpy has no type for
-      raise DataNotFoundError(f"{path}/{shard} holds {e} tensors, which safetensors.numpy cannot read; save the "
-                              "checkpoint in float32 (model.float().save_pretrained(...)).") from None
+      tensors.update(safetensors.numpy.load(data))
+    except KeyError:  # bfloat16, which numpy has no type for
+      tensors.update(_load_with_bfloat16(data, f"{path}/{shard}"))
   return tensors
+
+
+# safetensors dtypes -> numpy (little-endian); bfloat16 is read as its 16 bits.
+_NUMPY_DTYPES = {"F64": "<f8", "F32": "<f4", "F16": "<f2", "BF16": "<u2", "I64": "<i8", "I32": "<i4", "I16": "<i2",
+                 "I8": "i1", "U8": "u1", "BOOL": "?"}
+
+
+def _load_with_bfloat16(data: bytes, name: str) -> dict[str, np.ndarray]:
+  """A safetensors file with bfloat16 tensors, which safetensors.numpy refuses, read by the
+  format's layout (an 8-byte header size, a JSON header of dtype, shape and byte offsets,
+  then the data); bfloat16 becomes float32 exactly (its bits are float32's upper half)."""
+  size = int.from_bytes(data[:8], "little")
+  header = json.loads(data[8:8 + size])
+  out = {}
+  for tensor, meta in header.items():
+    if tensor == "__metadata__":
+      continue
+    if meta["dtype"] not in _NUMPY_DTYPES:
+      raise DataNotFoundError(f"{name}: tensor {tensor} has dtype {meta['dtype']}, which tna_jax cannot read; allowed: "
+                              f"{', '.join(_NUMPY_DTYPES)}.")
+    start, end = meta["data_offsets"]
+    value = np.frombuffer(data, _NUMPY_DTYPES[meta["dtype"]], offset=8 + size + start,
+                          count=(end - start) // np.dtype(_NUMPY_DTYPES[meta["dtype"]]).itemsize)
+    if meta["dtype"] == "BF16":
+      value = (value.astype(np.uint32) << 16).view(np.float32)
+    out[tensor] = value.reshape(meta["shape"])
+  return out
 
 
 def _leaf_rows(model: nn.Module, flat: dict[str, Any]) -> dict[str, tuple[_Tensor, str | None]]:
