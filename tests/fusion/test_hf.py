@@ -112,8 +112,8 @@ def test_from_hf_gives_the_logits_of_transformers_on_padded_batches(checkpoints,
   batch = _batch(name)
   expected = _real(name, _torch_logits(reference, batch), batch)
   np.testing.assert_allclose(_real(name, _flax_logits(model, variables, batch), batch), expected, rtol=0, atol=1e-4)
-  if name != "vit":  # the padding matters: without the mask the short sequences' logits move
-    unmasked = _flax_logits(model, variables, {"input_ids": batch["input_ids"]})
+  if name != "vit":  # the padding matters: attending to it moves the short sequences' logits
+    unmasked = _flax_logits(model, variables, {**batch, "attention_mask": np.ones_like(batch["attention_mask"])})
     assert np.abs(_real(name, unmasked, batch) - expected).max() > 1e-3
 
 

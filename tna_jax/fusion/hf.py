@@ -26,6 +26,7 @@ base kernels (W + (alpha / rank) A B), since transformers' classes have no place
 """
 
 import dataclasses
+import functools
 import json
 import math
 from collections.abc import Callable
@@ -370,16 +371,13 @@ def _dummy_input(model: nn.Module) -> jax.Array:
   return jnp.zeros((1, 2), jnp.int32)
 
 
-def _initialize(model: nn.Module, seed: int, paths: tuple[str, ...]) -> dict[str, jax.Array]:
-  """The params `paths` of `model.init` from `seed`, compiled as one call that returns only
+@functools.partial(jax.jit, static_argnums=(0, 2))
+def _initialize(model: nn.Module, key: jax.Array, paths: tuple[str, ...]) -> dict[str, jax.Array]:
+  """The params `paths` of `model.init(key, ...)`, compiled as one call that returns only
   them: XLA then drops the other leaves' random draws, which dominate the compile time
   (op by op, init would compile every op of the model once)."""
-
-  def init(key):
-    flat = flax.traverse_util.flatten_dict(model.init(key, _dummy_input(model))["params"], sep="/")
-    return {path: flat[path] for path in paths}
-
-  return jax.jit(init)(jax.random.key(seed))
+  flat = flax.traverse_util.flatten_dict(model.init(key, _dummy_input(model))["params"], sep="/")
+  return {path: flat[path] for path in paths}
 
 
 def from_hf(path: str, *, num_labels: int | None = None, lora_rank: int = 0, lora_alpha: float = 16.0,
@@ -432,7 +430,7 @@ def from_hf(path: str, *, num_labels: int | None = None, lora_rank: int = 0, lor
     raise DataNotFoundError(f"Hugging Face checkpoint {path!r} does not match its {CONFIG}: {len(missing)} tensors of "
                             f"the model's body are wrong, e.g. {'; '.join(missing[:3])}.")
   if reinitialized:
-    params.update(_initialize(model, seed, tuple(reinitialized)))
+    params.update(_initialize(model, jax.random.key(seed), tuple(reinitialized)))
   if model.lora_rank:
     logging.info("from_hf(%s): LoRA adapters of rank %d on %d projections, initialized from seed %d (lora_b = 0).",
                  path, model.lora_rank, sum(p.endswith("lora_a") for p in reinitialized), seed)
@@ -477,7 +475,9 @@ def to_hf(model: nn.Module, variables: dict, path: str, like: str) -> None:
     model: the Flax model `from_hf` returned (LoRA or not, any num_labels).
     variables: its variables {'params': ...} (a soup, a fine-tuned or fused model).
     path: the output directory (local or gs://), created if needed.
-    like: the checkpoint the model came from (for its config and tokenizer).
+    like: the checkpoint the model came from (for its config and tokenizer). A GPT-2
+      classifier is written with like's pad_token_id: transformers needs one (GPT-2 has
+      none) to find the last real token of a padded batch.
 
   Raises:
     ConfigError: `model` is not the architecture `like`'s config.json describes.
