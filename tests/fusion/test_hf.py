@@ -246,7 +246,8 @@ def test_a_bfloat16_checkpoint_loads_as_float32(checkpoints, tmp_path):
   assert variables["params"]["head"]["kernel"].dtype == jnp.float32
   np.testing.assert_array_equal(variables["params"]["head"]["kernel"], expected["classifier.weight"].T)
   patch = variables["params"]["embeddings"]["patch"]["kernel"]
-  np.testing.assert_array_equal(patch, expected["vit.embeddings.patch_embeddings.projection.weight"].transpose(2, 3, 1, 0))
+  conv = expected["vit.embeddings.patch_embeddings.projection.weight"]  # [out, in, kh, kw]
+  np.testing.assert_array_equal(patch, conv.transpose(2, 3, 1, 0))
   assert not np.array_equal(patch, _load(path)[1]["params"]["embeddings"]["patch"]["kernel"])  # rounded to bfloat16
 
 

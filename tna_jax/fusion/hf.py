@@ -4,9 +4,9 @@ the Flax models of `core.hf_models`, `to_hf` writes one back that transformers l
 A checkpoint is a directory (local, or a gs:// URL through `runs.files`) holding
 `config.json`, whose `model_type` picks the architecture, and `model.safetensors` (or its
 shards, `model.safetensors.index.json`), read with `safetensors.numpy` (bfloat16, which
-numpy lacks, by the format's own layout): PyTorch is never imported. Each architecture has one table of its modules (`_Tensor`: the Flax module, the
-transformers module, how its weights are laid out), read in both directions, so loading
-and writing cannot drift apart:
+numpy lacks, by the format's own layout): PyTorch is never imported. Each architecture
+has one table of its modules (`_Tensor`: the Flax module, the transformers module, how its
+weights are laid out), read in both directions, so loading and writing cannot drift apart:
 
 - BERT / RoBERTa -> `BertForSequenceClassification` / `RobertaForSequenceClassification`;
 - GPT-2 -> `GPT2LMHeadModel`, or `GPT2ForSequenceClassification` when `num_labels` is asked
@@ -360,14 +360,15 @@ def _leaf_rows(model: nn.Module, flat: dict[str, Any]) -> dict[str, tuple[_Tenso
     elif module in rows and rows[module].kind != "param":
       out[path] = (rows[module], leaf)
     else:
-      raise ValueError(f"param {path} of {type(model).__name__} has no row in its checkpoint table (tna_jax.fusion.hf).")
+      raise ValueError(f"param {path} of {type(model).__name__} has no row in its checkpoint table "
+                       "(tna_jax.fusion.hf).")
   return out
 
 
 def _dummy_input(model: nn.Module) -> jax.Array:
   if isinstance(model, hf_models.ViT):
-    side = model.image_size
-    return jnp.zeros((1, side, side, model.num_channels) if model.channels_last else (1, model.num_channels, side, side))
+    side, channels = model.image_size, model.num_channels
+    return jnp.zeros((1, side, side, channels) if model.channels_last else (1, channels, side, side))
   return jnp.zeros((1, 2), jnp.int32)
 
 
