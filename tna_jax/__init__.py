@@ -12,9 +12,10 @@
     tj.barriers(alphas, curve["loss"], curve["accuracy"])
 
 plus alignment (`align`, `weight_matching`, `register_permutation_spec`, `repair`), soups
-(`uniform_soup`, `greedy_soup`), Hugging Face checkpoints (`from_hf`, `to_hf`), the federated algorithms (`tj.federated`) and
-`load_run(workdir)` for a finished run. Each name is the library function itself (see its
-docstring); the submodules stay importable for everything else.
+(`uniform_soup`, `greedy_soup`), Hugging Face checkpoints (`from_hf`, `to_hf`), the
+federated algorithms (`tj.federated`) and `load_run(workdir)` for a finished run. Each
+name is the library function itself (see its docstring); the submodules stay importable
+for everything else.
 
 Names resolve on first use (PEP 562), so `python -m tna_jax.main --help` and the CLI's
 error paths don't pay for importing JAX models, matching and TensorBoard up front.

@@ -53,7 +53,8 @@ ACTIVATIONS: dict[str, Callable[[jax.Array], jax.Array]] = {
 }
 
 
-def token_inputs(input_ids: jax.Array, attention_mask: jax.Array | None, pad_token_id: int) -> tuple[jax.Array, jax.Array]:
+def token_inputs(input_ids: jax.Array, attention_mask: jax.Array | None,
+                 pad_token_id: int) -> tuple[jax.Array, jax.Array]:
   """(int32 ids [B, L], bool mask [B, L] of real tokens) from what a text model is given.
 
   Without `attention_mask`, negative ids mark padding: they become `pad_token_id` and are

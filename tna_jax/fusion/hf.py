@@ -3,10 +3,10 @@ the Flax models of `core.hf_models`, `to_hf` writes one back that transformers l
 
 A checkpoint is a directory (local, or a gs:// URL through `runs.files`) holding
 `config.json`, whose `model_type` picks the architecture, and `model.safetensors` (or its
-shards, `model.safetensors.index.json`), read with `safetensors.numpy`: PyTorch is never
-imported. Each architecture has one table of its modules (`_Tensor`: the Flax module, the
-transformers module, how its weights are laid out), read in both directions, so loading
-and writing cannot drift apart:
+shards, `model.safetensors.index.json`), read with `safetensors.numpy` (bfloat16, which
+numpy lacks, by the format's own layout): PyTorch is never imported. Each architecture
+has one table of its modules (`_Tensor`: the Flax module, the transformers module, how its
+weights are laid out), read in both directions, so loading and writing cannot drift apart:
 
 - BERT / RoBERTa -> `BertForSequenceClassification` / `RobertaForSequenceClassification`;
 - GPT-2 -> `GPT2LMHeadModel`, or `GPT2ForSequenceClassification` when `num_labels` is asked
@@ -26,6 +26,7 @@ base kernels (W + (alpha / rank) A B), since transformers' classes have no place
 """
 
 import dataclasses
+import functools
 import json
 import math
 from collections.abc import Callable
@@ -311,12 +312,39 @@ def _read_weights(path: str) -> dict[str, np.ndarray]:
     raise DataNotFoundError(f"Hugging Face checkpoint {path!r} has no {WEIGHTS}{legacy}.")
   tensors = {}
   for shard in shards:
+    data = directory.joinpath(shard).read_bytes()
     try:
-      tensors.update(safetensors.numpy.load(directory.joinpath(shard).read_bytes()))
-    except KeyError as e:  # a dtype numpy has no type for
-      raise DataNotFoundError(f"{path}/{shard} holds {e} tensors, which safetensors.numpy cannot read; save the "
-                              "checkpoint in float32 (model.float().save_pretrained(...)).") from None
+      tensors.update(safetensors.numpy.load(data))
+    except KeyError:  # bfloat16, which numpy has no type for
+      tensors.update(_load_with_bfloat16(data, f"{path}/{shard}"))
   return tensors
+
+
+# safetensors dtypes -> numpy (little-endian); bfloat16 is read as its 16 bits.
+_NUMPY_DTYPES = {"F64": "<f8", "F32": "<f4", "F16": "<f2", "BF16": "<u2", "I64": "<i8", "I32": "<i4", "I16": "<i2",
+                 "I8": "i1", "U8": "u1", "BOOL": "?"}
+
+
+def _load_with_bfloat16(data: bytes, name: str) -> dict[str, np.ndarray]:
+  """A safetensors file with bfloat16 tensors, which safetensors.numpy refuses, read by the
+  format's layout (an 8-byte header size, a JSON header of dtype, shape and byte offsets,
+  then the data); bfloat16 becomes float32 exactly (its bits are float32's upper half)."""
+  size = int.from_bytes(data[:8], "little")
+  header = json.loads(data[8:8 + size])
+  out = {}
+  for tensor, meta in header.items():
+    if tensor == "__metadata__":
+      continue
+    if meta["dtype"] not in _NUMPY_DTYPES:
+      raise DataNotFoundError(f"{name}: tensor {tensor} has dtype {meta['dtype']}, which tna_jax cannot read; allowed: "
+                              f"{', '.join(_NUMPY_DTYPES)}.")
+    start, end = meta["data_offsets"]
+    value = np.frombuffer(data, _NUMPY_DTYPES[meta["dtype"]], offset=8 + size + start,
+                          count=(end - start) // np.dtype(_NUMPY_DTYPES[meta["dtype"]]).itemsize)
+    if meta["dtype"] == "BF16":
+      value = (value.astype(np.uint32) << 16).view(np.float32)
+    out[tensor] = value.reshape(meta["shape"])
+  return out
 
 
 def _leaf_rows(model: nn.Module, flat: dict[str, Any]) -> dict[str, tuple[_Tensor, str | None]]:
@@ -332,27 +360,25 @@ def _leaf_rows(model: nn.Module, flat: dict[str, Any]) -> dict[str, tuple[_Tenso
     elif module in rows and rows[module].kind != "param":
       out[path] = (rows[module], leaf)
     else:
-      raise ValueError(f"param {path} of {type(model).__name__} has no row in its checkpoint table (tna_jax.fusion.hf).")
+      raise ValueError(f"param {path} of {type(model).__name__} has no row in its checkpoint table "
+                       "(tna_jax.fusion.hf).")
   return out
 
 
 def _dummy_input(model: nn.Module) -> jax.Array:
   if isinstance(model, hf_models.ViT):
-    side = model.image_size
-    return jnp.zeros((1, side, side, model.num_channels) if model.channels_last else (1, model.num_channels, side, side))
+    side, channels = model.image_size, model.num_channels
+    return jnp.zeros((1, side, side, channels) if model.channels_last else (1, channels, side, side))
   return jnp.zeros((1, 2), jnp.int32)
 
 
-def _initialize(model: nn.Module, seed: int, paths: tuple[str, ...]) -> dict[str, jax.Array]:
-  """The params `paths` of `model.init` from `seed`, compiled as one call that returns only
+@functools.partial(jax.jit, static_argnums=(0, 2))
+def _initialize(model: nn.Module, key: jax.Array, paths: tuple[str, ...]) -> dict[str, jax.Array]:
+  """The params `paths` of `model.init(key, ...)`, compiled as one call that returns only
   them: XLA then drops the other leaves' random draws, which dominate the compile time
   (op by op, init would compile every op of the model once)."""
-
-  def init(key):
-    flat = flax.traverse_util.flatten_dict(model.init(key, _dummy_input(model))["params"], sep="/")
-    return {path: flat[path] for path in paths}
-
-  return jax.jit(init)(jax.random.key(seed))
+  flat = flax.traverse_util.flatten_dict(model.init(key, _dummy_input(model))["params"], sep="/")
+  return {path: flat[path] for path in paths}
 
 
 def from_hf(path: str, *, num_labels: int | None = None, lora_rank: int = 0, lora_alpha: float = 16.0,
@@ -389,7 +415,7 @@ def from_hf(path: str, *, num_labels: int | None = None, lora_rank: int = 0, lor
     row, leaf = rows[leaf_path]
     name = row.hf_name(leaf, body_prefix)
     stored = tensors.get(name)
-    expected = list(np.shape(row.to_hf(leaf, np.zeros(shape.shape, np.float32))))
+    expected = list(np.shape(row.to_hf(leaf, np.empty(shape.shape, np.float32))))  # views: no copy
     expected[row.out_axis(leaf)] *= row.part[1]  # the whole fused tensor
     if stored is not None and stored.shape == tuple(expected):
       params[leaf_path] = jnp.asarray(row.to_flax(leaf, np.asarray(stored, np.float32), shape.shape))
@@ -405,7 +431,10 @@ def from_hf(path: str, *, num_labels: int | None = None, lora_rank: int = 0, lor
     raise DataNotFoundError(f"Hugging Face checkpoint {path!r} does not match its {CONFIG}: {len(missing)} tensors of "
                             f"the model's body are wrong, e.g. {'; '.join(missing[:3])}.")
   if reinitialized:
-    params.update(_initialize(model, seed, tuple(reinitialized)))
+    params.update(_initialize(model, jax.random.key(seed), tuple(reinitialized)))
+  if model.lora_rank:
+    logging.info("from_hf(%s): LoRA adapters of rank %d on %d projections, initialized from seed %d (lora_b = 0).",
+                 path, model.lora_rank, sum(p.endswith("lora_a") for p in reinitialized), seed)
   unused = sorted(set(tensors) - used)
   if unused:
     logging.info("from_hf(%s): %d checkpoint tensors unused by %s, e.g. %s.", path, len(unused),
@@ -447,7 +476,9 @@ def to_hf(model: nn.Module, variables: dict, path: str, like: str) -> None:
     model: the Flax model `from_hf` returned (LoRA or not, any num_labels).
     variables: its variables {'params': ...} (a soup, a fine-tuned or fused model).
     path: the output directory (local or gs://), created if needed.
-    like: the checkpoint the model came from (for its config and tokenizer).
+    like: the checkpoint the model came from (for its config and tokenizer). A GPT-2
+      classifier is written with like's pad_token_id: transformers needs one (GPT-2 has
+      none) to find the last real token of a padded batch.
 
   Raises:
     ConfigError: `model` is not the architecture `like`'s config.json describes.
