@@ -12,7 +12,7 @@
     tj.barriers(alphas, curve["loss"], curve["accuracy"])
 
 plus alignment (`align`, `weight_matching`, `register_permutation_spec`, `repair`), soups
-(`uniform_soup`, `greedy_soup`), the federated algorithms (`tj.federated`) and
+(`uniform_soup`, `greedy_soup`), Hugging Face checkpoints (`from_hf`, `to_hf`), the federated algorithms (`tj.federated`) and
 `load_run(workdir)` for a finished run. Each name is the library function itself (see its
 docstring); the submodules stay importable for everything else.
 
@@ -60,6 +60,9 @@ _EXPORTS: dict[str, tuple[str, str]] = {
     # fusion
     "uniform_soup": ("tna_jax.fusion.model_soups", "uniform_soup"),
     "greedy_soup": ("tna_jax.fusion.model_soups", "greedy_soup"),
+    # Hugging Face checkpoints in and out
+    "from_hf": ("tna_jax.fusion.hf", "from_hf"),
+    "to_hf": ("tna_jax.fusion.hf", "to_hf"),
     # finished runs
     "load_run": ("tna_jax.runs.saved_runs", "load_run"),
 }

@@ -39,6 +39,9 @@ Transformers (`tna_jax.core.transformer_models`, ViT and text encoder) have:
   entry may be a tuple of permutations, whose units are laid out row-major on that axis
   (B of a query projection [rank, heads * head_dim] carries ('heads', 'qk')).
 
+The Hugging Face models (`tna_jax.core.hf_models`: BERT, RoBERTa, GPT-2, ViT) have the
+same permutations on their blocks `layer_{i}` (`_describe_hf`).
+
 Activation matching reads, for each permutation with an activation site, the outputs of
 the modules that carry its units on their last axis (`Description.sites`); transformers
 have sites for the residual stream (embedding and every block's output) and the MLP
@@ -61,7 +64,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from tna_jax.core import models, transformer_models, tree_utils
+from tna_jax.core import hf_models, models, transformer_models, tree_utils
 from tna_jax.errors import ConfigError
 
 PyTree = Any
@@ -293,6 +296,52 @@ def _describe_transformer(model: transformer_models.ViT | transformer_models.Tex
   return Description(tuple(layers), {p: tuple(modules) for p, modules in sites.items()}, nested)
 
 
+def _describe_hf(model: hf_models.BertClassifier | hf_models.GPT2 | hf_models.ViT) -> Description:
+  """The Hugging Face models (`core.hf_models`): as `_describe_transformer`, one residual
+  stream and per block its MLP units, heads and head dims, on the blocks `layer_{i}`.
+
+  The stream covers every embedding (word, position, token type, ViT's patches, class
+  token and position embeddings), every LayerNorm (post-LN BERT/RoBERTa normalize the
+  stream itself, which commutes with a permutation of it once scale and bias are permuted
+  too), GPT-2's tied token embedding (which is also its language-model head: the vocabulary
+  axis is not permuted) and the input of the pooler or head. BERT's pooler and RoBERTa's
+  head/dense have units of their own ('pooler', 'head/dense'), read by the classifier.
+  """
+  stream, lora = "residual", model.lora_rank > 0
+  if isinstance(model, hf_models.ViT):
+    own = Leaves("embeddings", (("cls_token", (None, None, stream)), ("position_embeddings", (None, None, stream))))
+    layers = [Layer("embeddings/patch", None, stream), own]
+  else:
+    tables = ("word", "position") + (("token_type", "norm") if isinstance(model, hf_models.BertClassifier) else ())
+    layers = [Layer(f"embeddings/{table}", None, stream) for table in tables]
+  sites, nested = {stream: ["embeddings"]}, {}
+  for i in range(model.num_layers):
+    block = f"layer_{i}"
+    heads, qk, vo, hidden = (f"{block}/{name}" for name in ("heads", "qk", "vo", "mlp"))
+    layers += [Layer(f"{block}/attention_norm", None, stream),
+               _dense(f"{block}/attention/query", (stream,), (heads, qk), lora),
+               _dense(f"{block}/attention/key", (stream,), (heads, qk), lora),
+               _dense(f"{block}/attention/value", (stream,), (heads, vo), lora),
+               _dense(f"{block}/attention/output", (heads, vo), (stream,), lora),
+               Layer(f"{block}/mlp_norm", None, stream),
+               _dense(f"{block}/mlp/intermediate", (stream,), (hidden,), lora),
+               _dense(f"{block}/mlp/output", (hidden,), (stream,), lora)]
+    sites[stream].append(block)
+    sites[hidden] = [f"{block}/mlp/intermediate"]
+    nested[heads] = (qk, vo)
+  if isinstance(model, hf_models.RobertaClassifier):
+    layers += [Layer("head/dense", stream, "head/dense"), Layer("head/out_proj", "head/dense", None)]
+    sites["head/dense"] = ["head/dense"]
+  elif isinstance(model, hf_models.BertClassifier):
+    layers += [Layer("pooler", stream, "pooler"), Layer("head", "pooler", None)]
+    sites["pooler"] = ["pooler"]
+  else:
+    layers.append(Layer("final_norm", None, stream))
+    if model.num_labels:
+      layers.append(Layer("head", stream, None))
+  return Description(tuple(layers), {p: tuple(modules) for p, modules in sites.items()}, nested)
+
+
 _DESCRIPTIONS: dict[type, Callable[[Any], Description]] = {
     models.MLP: _describe_mlp,
     models.CNN: _describe_cnn,
@@ -300,6 +349,9 @@ _DESCRIPTIONS: dict[type, Callable[[Any], Description]] = {
     models.ResNet20: _describe_resnet20,
     transformer_models.ViT: _describe_transformer,
     transformer_models.TextTransformer: _describe_transformer,
+    hf_models.BertClassifier: _describe_hf,  # and RobertaClassifier, a subclass
+    hf_models.GPT2: _describe_hf,
+    hf_models.ViT: _describe_hf,
 }
 
 
