@@ -14,6 +14,7 @@ that partial fine-tuning leaves frozen (`frozen_except`).
 """
 
 import dataclasses
+import functools
 import re
 from typing import Any, NamedTuple
 
@@ -100,9 +101,14 @@ def magnitude_mask(weights: jax.Array, fixed_fraction: float, key: jax.Array, la
   base gets the same mask; the seeded tie-break makes it total even where many entries are
   equal (LoRA's `lora_b` starts at zero).
   """
+  return _magnitude_mask(jnp.asarray(weights), key, int(round(fixed_fraction * weights.size)), largest)
+
+
+@functools.partial(jax.jit, static_argnames=("k", "largest"))
+def _magnitude_mask(weights: jax.Array, key: jax.Array, k: int, largest: bool) -> jax.Array:
+  """`magnitude_mask` as one compiled program per leaf shape (eagerly, each op would compile on its own)."""
   n = weights.size
-  k = int(round(fixed_fraction * n))
-  magnitude = jnp.abs(jnp.asarray(weights, jnp.float32).reshape(-1))
+  magnitude = jnp.abs(weights.astype(jnp.float32).reshape(-1))
   tie_break = jax.random.permutation(key, n)
   order = jnp.lexsort((tie_break, -magnitude if largest else magnitude))  # the last key sorts first
   return jnp.zeros(n, bool).at[order[:k]].set(True).reshape(weights.shape)

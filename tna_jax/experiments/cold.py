@@ -160,7 +160,8 @@ def run(config, workdir: str) -> dict[str, Any]:
     pretrained.export(run, config, model, {f"{v}_round{config.cold.rounds}": train.unstack(fused[-1], i)
                                            for i, v in enumerate(variants)})
     run.finish(results, f"\nColD fusion: test accuracy % after fine-tuning each task from the base fused r times "
-               f"(r=0: the original base; fused by {config.cold.merge}); {config.model.name} on {config.dataset}, base {run.seconds['base']:.0f}s, "
+               f"(r=0: the original base; fused by {config.cold.merge}); {pretrained.model_label(config)} on "
+               f"{config.dataset}, base {run.seconds['base']:.0f}s, "
                f"fusion {run.seconds['fusion']:.0f}s:\n" +
                reporting.format_table(rows, table_columns(config.cold.rounds)))
   return results
@@ -194,7 +195,7 @@ def write_outputs(run: runtime.Run, config, results: dict, fused: list[dict], fi
     run.save(f"{variant}_mask", fixed[variant])
     for r, base in enumerate(fused[1:], start=1):
       run.save(f"{variant}_round{r}", train.unstack(base, i))
-  plot_rounds(run.path("cold.png"), results, f"ColD fusion: {config.model.name} on {config.dataset}")
+  plot_rounds(run.path("cold.png"), results, f"ColD fusion: {pretrained.model_label(config)} on {config.dataset}")
 
 
 def plot_rounds(path, results: dict, title: str) -> None:

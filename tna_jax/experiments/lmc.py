@@ -98,7 +98,7 @@ def run(config, workdir: str) -> dict[str, Any]:
     tna_mask, pruning_mask = starts["tna"][1], starts["pruning"][1]
     variants = schema.values(config, "variants")
     k = config.num_models
-    logging.info("Model %s: %d parameters; fixed fraction %.3f (tna), %.3f (pruning)", config.model.name,
+    logging.info("Model %s: %d parameters; fixed fraction %.3f (tna), %.3f (pruning)", pretrained.model_label(config),
                  sum(p.size for p in jax.tree.leaves(params)), masks.fraction_fixed(tna_mask),
                  masks.fraction_fixed(pruning_mask))
 
@@ -150,7 +150,8 @@ def run(config, workdir: str) -> dict[str, Any]:
     if k > 2:
       k_model_table = (f"\n\nAll {k * (k - 1) // 2} pairs of the {k} models of each variant, and their weight average "
                        "(fused):\n" + reporting.format_table(list(k_models.values()), K_MODEL_COLUMNS))
-    run.finish(results, f"\nLMC between models 0 and 1 of each variant ({config.model.name} on {config.dataset}, "
+    run.finish(results, f"\nLMC between models 0 and 1 of each variant ({pretrained.model_label(config)} on "
+               f"{config.dataset}, "
                f"{config.num_epochs} epochs{extras}, train {run.seconds['train']:.0f}s, curves "
                f"{run.seconds['lmc']:.1f}s):\n" +
                reporting.format_table(rows, TABLE_COLUMNS + (ALIGNED_COLUMNS if aligned else ())) + k_model_table +
@@ -178,7 +179,7 @@ def write_outputs(run: runtime.Run, config, results: dict, init_variables: dict,
       table="    " + reporting.format_table(rows, TABLE_COLUMNS).replace("\n", "\n    "),  # a markdown code block
       hparams=config.to_dict(), results={f"{key}/{row['variant']}/{row['curve']}": row[key] for row in rows
                for key in ("loss_barrier", "accuracy_barrier_pp")})
-  title = f"LMC: {config.model.name} on {config.dataset}"
+  title = f"LMC: {pretrained.model_label(config)} on {config.dataset}"
   labels = curve_labels(config, results["curves"])
   reporting.plot_curves(run.path("lmc_curves.png"), results["alphas"], results["curves"], title, labels)
   if aligned:

@@ -139,7 +139,8 @@ def run(config, workdir: str) -> dict[str, Any]:
     matched = f", {config.align} matching {seconds['align']:.1f}s" if aligned else ""
     matching_table = ("\n\nMatching of each model onto model 0 of its variant (compilation excluded):\n" +
                       reporting.format_table(alignment_rows(results["variants"]), ALIGNMENT_COLUMNS)) if aligned else ""
-    run.finish(results, f"\nPer model (held-out / test accuracy %, {config.model.name} on {config.dataset}):\n" +
+    run.finish(results, f"\nPer model (held-out / test accuracy %, {pretrained.model_label(config)} on "
+               f"{config.dataset}):\n" +
                reporting.format_table(model_rows(results), model_columns(variants)) +
                f"\n\nModel soups of {config.soup.num_models} fine-tuned models (base {seconds['base']:.0f}s, "
                f"fine-tuning {seconds['finetune']:.0f}s{matched}, soups {seconds['soups']:.1f}s); each cell "
@@ -319,7 +320,7 @@ def write_outputs(run: runtime.Run, config, results: dict, base: dict, fixed: di
   for variant, (_, matches) in aligned.items():
     run.save(f"{variant}_perms", {str(k): result.perms for k, result in enumerate(matches, start=1)})
   plot_soups(run.path("soup.png"), results["variants"],
-             f"Model soups: {config.soup.num_models} x {config.model.name} on {config.dataset}")
+             f"Model soups: {config.soup.num_models} x {pretrained.model_label(config)} on {config.dataset}")
 
 
 def plot_soups(path, per_variant: dict, title: str) -> None:

@@ -31,6 +31,11 @@ def from_hf(config) -> bool:
   return config.get("base", {}).get("source") == "hf"
 
 
+def model_label(config) -> str:
+  """The model as tables and figures name it: `model.name`, or the checkpoint ('hf:roberta-base')."""
+  return f"hf:{files.path(config.base.path).name}" if from_hf(config) else config.model.name
+
+
 def max_len(config) -> int:
   """Tokens per text example: cold.max_len in cold configs, max_len elsewhere."""
   return config.cold.max_len if config.experiment == "cold" else config.max_len
