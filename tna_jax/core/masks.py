@@ -63,13 +63,10 @@ def fixed_mask(
   if not 0.0 <= fixed_fraction < 1.0:
     raise ConfigError(f"mask fixed_fraction={fixed_fraction!r} is out of range; allowed: 0 <= fixed_fraction < 1.")
   check_choice("mask.granularity", granularity, GRANULARITIES)
-  include_re = _compile(layer_regex(include, params), "mask.include")
-  exclude_re = _compile(exclude, "mask.exclude")
   root = jax.random.key(seed)
 
-  def leaf_mask(path: str, leaf: jax.Array) -> jax.Array:
-    eligible = (include_re is None or include_re.search(path)) and not (exclude_re and exclude_re.search(path))
-    if not eligible or fixed_fraction == 0.0:
+  def leaf_mask(path: str, leaf: jax.Array, is_eligible: bool) -> jax.Array:
+    if not is_eligible or fixed_fraction == 0.0:
       return jnp.zeros(leaf.shape, bool)
     if granularity == "neuron" and leaf.ndim >= 1:
       module_path = path.rsplit("/", 1)[0]
@@ -77,7 +74,17 @@ def fixed_mask(
       return jnp.broadcast_to(per_unit, leaf.shape)
     return jax.random.bernoulli(tree_utils.path_key(root, path), fixed_fraction, leaf.shape)
 
-  return tree_utils.map_with_path_str(leaf_mask, params)
+  return tree_utils.map_with_path_str(leaf_mask, params, eligible(params, include, exclude))
+
+
+def eligible(params: PyTree, include: str = "", exclude: str = "") -> PyTree:
+  """Per leaf of `params`, whether a mask may fix its entries (a Python bool per leaf): its path
+  matches `include` (a regex or a `LAYER_PRESETS` name; '' = every leaf) and not `exclude`."""
+  include_re = _compile(layer_regex(include, params), "mask.include")
+  exclude_re = _compile(exclude, "mask.exclude")
+  return tree_utils.map_with_path_str(
+      lambda path, _: bool((include_re is None or include_re.search(path)) and not (exclude_re and exclude_re.search(path))),
+      params)
 
 
 def layer_regex(include: str, params: PyTree) -> str:

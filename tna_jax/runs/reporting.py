@@ -76,9 +76,11 @@ def plot_curves(path: files.PathLike, alphas: np.ndarray, curves: dict[str, dict
 VARIANT_NAMES = {"tna": "TNA-PFN", "pruning": "pruning at init"}  # as papers name the variants
 
 
-def variant_label(variant: str, fixed_fraction: float, pruning_fraction: float) -> str:
-  """How a paper names a training variant: 'vanilla', 'TNA-PFN (40 % fixed)', 'pruning at init (40 %)'."""
-  return {"tna": f"{VARIANT_NAMES['tna']} ({100 * fixed_fraction:.0f} % fixed)",
+def variant_label(variant: str, fixed_fraction: float, pruning_fraction: float, schedule: str = "") -> str:
+  """How a paper names a training variant: 'vanilla', 'TNA-PFN (40 % fixed)', 'pruning at init (40 %)';
+  `schedule` (`mask_schedule.Schedule.describe`) follows TNA-PFN's ratio: 'TNA-PFN (60 % fixed, linear to 0 %
+  by 100 % of training)'."""
+  return {"tna": f"{VARIANT_NAMES['tna']} ({100 * fixed_fraction:.0f} % fixed{schedule})",
           "pruning": f"{VARIANT_NAMES['pruning']} ({100 * pruning_fraction:.0f} %)"}.get(variant, variant)
 
 
