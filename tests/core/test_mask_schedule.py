@@ -52,6 +52,10 @@ def _model_and_data(n=512):
   return model, models.init_variables(model, jax.random.key(0), (8, 8, 1)), dataset
 
 
+def _assert_bits_equal(a, b):
+  np.testing.assert_array_equal(np.asarray(a).view(np.uint32), np.asarray(b).view(np.uint32))
+
+
 def _tx():
   opt = ml_collections.ConfigDict(dict(name="sgd", learning_rate=0.1, momentum=0.9, weight_decay=5e-4))
   return optim.make_optimizer(opt, STEPS)
@@ -125,10 +129,10 @@ def test_an_entry_released_at_step_s_keeps_its_initial_value_until_s_and_moves_a
     for s in range(STEPS):
       entries = released_at == s
       for t in range(s + 1):  # params after t updates: updates 0 .. s-1 held the entry fixed
-        np.testing.assert_array_equal(values[t][entries].view(np.uint32), values[0][entries].view(np.uint32))
+        _assert_bits_equal(values[t][entries], values[0][entries])
       moved_after_release.append(values[STEPS][entries] != values[0][entries])
     still = released_at == STEPS
-    np.testing.assert_array_equal(values[STEPS][still].view(np.uint32), values[0][still].view(np.uint32))
+    _assert_bits_equal(values[STEPS][still], values[0][still])
   moved = np.concatenate(moved_after_release)
   assert moved.size > 500 and moved.mean() > 0.9  # released entries train (bar ReLU-dead units)
 
@@ -168,8 +172,7 @@ def test_one_compiled_epoch_scan_trains_constant_and_scheduled_models_and_consta
   together = fit([train.init_train_state(tx, *start) for start in scheduled])
   alone = fit(today)
   for k in range(2):  # vanilla and constant TNA-PFN in the scheduled program train as they do today
-    jax.tree.map(lambda a, b: np.testing.assert_array_equal(np.asarray(a).view(np.uint32), np.asarray(b).view(np.uint32)),
-                 train.unstack(together.params, k), train.unstack(alone.params, k))
+    jax.tree.map(_assert_bits_equal, train.unstack(together.params, k), train.unstack(alone.params, k))
   final = train.unstack(together, 2)
   assert int(final.release.step) == STEPS  # the step count ran inside the scan: the last mask is step 23's
   jax.tree.map(np.testing.assert_array_equal, final.fixed, trajectory["masks"][-1])

@@ -82,9 +82,8 @@ def eligible(params: PyTree, include: str = "", exclude: str = "") -> PyTree:
   matches `include` (a regex or a `LAYER_PRESETS` name; '' = every leaf) and not `exclude`."""
   include_re = _compile(layer_regex(include, params), "mask.include")
   exclude_re = _compile(exclude, "mask.exclude")
-  return tree_utils.map_with_path_str(
-      lambda path, _: bool((include_re is None or include_re.search(path)) and not (exclude_re and exclude_re.search(path))),
-      params)
+  selected = lambda path: (include_re is None or include_re.search(path)) and not (exclude_re and exclude_re.search(path))
+  return tree_utils.map_with_path_str(lambda path, _: bool(selected(path)), params)
 
 
 def layer_regex(include: str, params: PyTree) -> str:
