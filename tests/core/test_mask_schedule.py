@@ -94,14 +94,15 @@ def trajectory():
   state = train.init_train_state(tx, variables, fixed, release)
   step = jax.jit(lambda state, images, labels: train.train_step(model, tx, state, images, labels))
   images = data.normalize(jnp.asarray(dataset.train_images), dataset.mean, dataset.std)
-  masks_seen, params_seen = [], [variables["params"]]
+  masks_seen, params_seen, traces = [], [variables["params"]], []
   for t in range(STEPS):
     batch = slice(64 * (t % 8), 64 * (t % 8 + 1))
     state, _ = step(state, images[batch], jnp.asarray(dataset.train_labels[batch]))
     masks_seen.append(jax.device_get(state.fixed))
     params_seen.append(jax.device_get(state.params))
+    traces.append(jax.device_get(optax.tree_utils.tree_get(state.opt_state, "trace")))
   return dict(model=model, variables=variables, dataset=dataset, tx=tx, fixed=fixed, release=release, step=step,
-              masks=masks_seen, params=params_seen, end=schedule.end_step(STEPS))
+              masks=masks_seen, params=params_seen, traces=traces, end=schedule.end_step(STEPS))
 
 
 def test_masks_over_steps_are_nested_and_follow_the_schedule_within_one_entry_per_leaf(trajectory):
@@ -137,15 +138,22 @@ def test_an_entry_released_at_step_s_keeps_its_initial_value_until_s_and_moves_a
   assert moved.size > 500 and moved.mean() > 0.9  # released entries train (bar ReLU-dead units)
 
 
-def test_a_fixed_entry_s_momentum_counts_the_gradients_it_saw_so_its_first_update_is_a_normal_one():
-  # Documented choice: optimizer state is kept while an entry is fixed (trained at learning rate 0).
+def test_a_released_entry_starts_with_fresh_momentum_while_the_others_keep_theirs():
   tx = optim.make_optimizer(ml_collections.ConfigDict(dict(name="sgd", learning_rate=0.1, momentum=0.9)), 10)
   params, g0, g1 = jnp.zeros(2), jnp.array([1.0, 2.0]), jnp.array([3.0, 5.0])
-  state = tx.init(params)
-  update0, state = tx.update(g0, state, params, fixed_mask=jnp.array([True, False]))
-  update1, _ = tx.update(g1, state, params, fixed_mask=jnp.array([False, False]))
+  fixed = jnp.array([True, False])
+  update0, state = tx.update(g0, tx.init(params), params, fixed_mask=fixed)
+  state = mask_schedule.zero_fixed_state(tx, state, fixed)
+  update1, _ = tx.update(g1, state, params, fixed_mask=jnp.array([False, False]))  # entry 0 released
   np.testing.assert_allclose(update0, [0.0, -0.1 * 2.0])
-  np.testing.assert_allclose(update1, -0.1 * (g1 + 0.9 * g0), rtol=1e-6)  # entry 0: released with its trace
+  np.testing.assert_allclose(update1, [-0.1 * 3.0, -0.1 * (5.0 + 0.9 * 2.0)], rtol=1e-6)
+
+
+def test_fixed_entries_hold_no_momentum_in_a_scheduled_run(trajectory):
+  for mask, trace in zip(trajectory["masks"], trajectory["traces"]):
+    for m, v in zip(jax.tree.leaves(mask), jax.tree.leaves(trace)):
+      assert m.any() and not np.asarray(v)[np.asarray(m)].any()
+  assert any(np.asarray(v).any() for v in jax.tree.leaves(trajectory["traces"][-1]))
 
 
 def test_one_compiled_epoch_scan_trains_constant_and_scheduled_models_and_constant_is_bit_identical(trajectory):

@@ -24,12 +24,19 @@ reverse, as without a schedule). The schedule ends at E = round(schedule_end * T
 t < E and `final_fraction` from t = E on.
 
 An entry released at step s trains from its initial value on: `masks.freeze` (last in the
-optimizer chain) gave it an update of exactly 0 until then. Its optimizer state is kept as
-it is: momentum and Adam moments of a fixed entry accumulate the gradients it sees, as they
-would for an entry trained at learning rate 0, so its first update is the one the optimizer
-would give any entry with that gradient history (not a zeroed restart, which with Adam's
-shared bias correction would overshoot). FedPNU's reversed mask already releases entries
-within a round the same way.
+optimizer chain) gave it an update of exactly 0 until then. It also starts with fresh
+optimizer state: `freeze` zeroes only the final update, so the momentum of a fixed entry
+would keep summing a gradient that never shrinks (the entry does not move), and at release
+the entry would jump by lr x g / (1 - momentum) at once; `zero_fixed_state` zeroes every
+params-like optimizer state (SGD momentum, Adam moments) of the entries the step's mask holds,
+so a released entry's first SGD update is lr x g. (Measured on the 2 x 200 MLP, linear 0.6 -> 0,
+one seed: +0.3 pp accuracy ending at 100 % of training, +0.8 pp ending at 50 %, against keeping
+the state.) Adam's bias correction counts the run's steps, not the entry's, so a late-released
+entry's first Adam steps are larger than a fresh Adam's; prefer SGD with schedules. Entries
+that stay fixed move by 0 either way, so constant models train bit-identically. In `fed`
+every client starts each round with a fresh optimizer and the server's state of a fixed entry
+stays 0 (its pseudo-gradient is 0), so released entries start fresh there too; FedPNU's
+alternation within a round keeps the optimizer state, as without a schedule.
 
 The mask stays an argument of the update: `Release` lives in the train state (the server
 state in `fed`) and each step narrows the state's mask by it, inside the compiled scan, so
@@ -44,6 +51,7 @@ from typing import Any, Sequence
 import flax.struct
 import jax
 import jax.numpy as jnp
+import optax
 
 from tna_jax.core import masks, tree_utils
 from tna_jax.errors import ConfigError, check_choice
@@ -177,6 +185,13 @@ class Schedule:
                       start=jnp.float32(spec.fixed_fraction), final=jnp.float32(self.final_fraction),
                       end=jnp.int32(self.end_step(total_steps)), step=jnp.int32(0))
     return fixed, release
+
+
+def zero_fixed_state(tx: optax.GradientTransformation, opt_state: optax.OptState, fixed: PyTree) -> optax.OptState:
+  """`opt_state` with the params-like state (momentum, Adam moments) of every `fixed` entry zeroed,
+  so an entry starts with fresh state when the schedule releases it; counts and schedules untouched."""
+  return optax.tree_utils.tree_map_params(tx, lambda s, m: jnp.where(m, jnp.zeros_like(s), s), opt_state, fixed,
+                                          transform_non_params=lambda x: x)
 
 
 def never_released(params: PyTree) -> Release:

@@ -72,6 +72,8 @@ def train_step(model, tx: optax.GradientTransformationExtraArgs, state: TrainSta
   if state.release is not None:
     state = state.replace(fixed=state.release.narrow(state.fixed), release=state.release.advance())
   updates, opt_state = tx.update(grads, state.opt_state, state.params, fixed_mask=state.fixed)
+  if state.release is not None:  # a released entry starts with fresh momentum (see mask_schedule)
+    opt_state = mask_schedule.zero_fixed_state(tx, opt_state, state.fixed)
   state = state.replace(params=optax.apply_updates(state.params, updates), batch_stats=batch_stats,
                         opt_state=opt_state)
   accuracy = jnp.mean(jnp.argmax(logits, -1) == labels)

@@ -85,6 +85,7 @@ def variant_label(variant: str, fixed_fraction: float, pruning_fraction: float, 
 
 
 RATIO_KEYS = {"tna": "mask.fixed_fraction", "pruning": "pruning_fraction"}  # the ratio each variant's label names
+SCHEDULE_KEYS = ("mask.schedule", "mask.final_fraction", "mask.schedule_end")  # TNA-PFN's label spells them out too
 AXIS_LABELS = {
     "mask.fixed_fraction": "mask ratio (fraction of entries fixed)",
     "mask.fixed_fraction+pruning_fraction": "mask ratio (fraction of entries fixed, or pruned)",
@@ -94,6 +95,8 @@ AXIS_LABELS = {
     "model.depth": "depth (hidden layers)",
     "mask.include": "masked layers",
     "mask.granularity": "mask granularity",
+    "mask.schedule": "mask ratio schedule (fixed fraction over training)",
+    "mask.schedule_end": "fraction of training at which the schedule ends",
     "optimizer.learning_rate": "learning rate",
     "num_epochs": "training epochs",
     "num_models": "models fused (K)",
@@ -108,10 +111,11 @@ K_MODEL_PANELS = (("loss_barrier_mean", "loss barrier, mean over pairs"),
 
 def series_label(row: dict, x_keys: Sequence[str], other_keys: Sequence[str], show_curve: bool) -> str:
   """A line of a sweep figure as a reader names it: 'TNA-PFN (40 % fixed)', or 'TNA-PFN' when
-  the x-axis is its ratio, then the curve's BN mode (when curves differ) and the values of
+  the x-axis is its ratio (or its schedule), then the curve's BN mode (when curves differ) and the values of
   the grid's other axes ('width 64')."""
   variant = row["variant"]
-  label = VARIANT_NAMES.get(variant, variant) if RATIO_KEYS.get(variant) in x_keys else row["label"]
+  spelled_on_x = RATIO_KEYS.get(variant) in x_keys or (variant == "tna" and bool(set(SCHEDULE_KEYS) & set(x_keys)))
+  label = VARIANT_NAMES.get(variant, variant) if spelled_on_x else row["label"]
   if show_curve:
     label += f" ({row['curve']})"
   return label + settings_suffix(row, other_keys)
