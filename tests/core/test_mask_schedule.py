@@ -17,6 +17,7 @@ import pytest
 from tna_jax.config import loader, schema
 from tna_jax.core import data, mask_schedule, masks, models, optim, sharding, train
 from tna_jax.errors import ConfigError
+from tna_jax.experiments import sweep
 from tna_jax.federated import algorithms, client
 
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
@@ -245,6 +246,22 @@ def test_a_schedule_that_would_fix_entries_again_or_release_none_is_refused(over
   fed_config.mask.final_fraction = 0.35
   with pytest.raises(ConfigError, match="above fedpnu@0.3's mask ratio 0.3"):
     schema.validate(fed_config)
+
+
+def test_a_sweep_trains_schedules_as_an_axis_in_one_program_and_constant_ignores_schedule_end(tmp_path):
+  config = loader.apply_preset(loader.defaults("sweep"), "quick")
+  config.num_train, config.num_test, config.model.depth, config.model.width = 512, 200, 1, 16
+  config.variants, config.mask.fixed_fraction, config.sweep.seeds = "vanilla,tna", 0.5, 1
+  config.sweep.grid = "mask.schedule=constant,linear; mask.schedule_end=0.5,1"
+  results = sweep.run(config, str(tmp_path))
+  # vanilla, constant TNA-PFN (either schedule_end), linear ending at 0.5 and at 1: 4 distinct pairs.
+  assert results["programs"] == 1 and results["models"] == 4 * config.num_models
+  by = {(r["mask.schedule"], r["mask.schedule_end"], r["variant"]): r for r in results["rows"]}
+  assert by[("constant", 0.5, "tna")]["accuracy_a"] == by[("constant", 1.0, "tna")]["accuracy_a"]
+  assert by[("linear", 0.5, "tna")]["accuracy_a"] != by[("linear", 1.0, "tna")]["accuracy_a"]
+  assert by[("linear", 0.5, "vanilla")]["accuracy_a"] == by[("constant", 1.0, "vanilla")]["accuracy_a"]
+  assert by[("linear", 0.5, "tna")]["label"] == "TNA-PFN (50 % fixed, linear to 0 % by 50 % of training)"
+  assert by[("constant", 0.5, "tna")]["label"] == "TNA-PFN (50 % fixed)"
 
 
 def _main(config, workdir, *flags):

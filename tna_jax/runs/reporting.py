@@ -153,6 +153,7 @@ def plot_sweep(path: files.PathLike, summary: Sequence[dict], x_keys: Sequence[s
   series: dict[str, list[dict]] = {}
   for row in summary:
     series.setdefault(series_label(row, x_keys, other_keys, show_curve), []).append(row)
+  series = merge_identical_series(series, x, [metric for metric, _ in panels], x_keys, other_keys, show_curve)
   fig, axes = pyplot().subplots(1, len(panels), figsize=(5 * len(panels), 4))
   for ax, (metric, ylabel) in zip(axes, panels):
     for label, rows in series.items():
@@ -174,6 +175,25 @@ def plot_sweep(path: files.PathLike, summary: Sequence[dict], x_keys: Sequence[s
       ax.minorticks_off()
     ax.set(xlabel=AXIS_LABELS.get("+".join(x_keys), AXIS_LABELS.get(x, x)), ylabel=ylabel)
   save_figure(fig, axes, path, title)
+
+
+def merge_identical_series(series: dict[str, list[dict]], x: str, metrics: Sequence[str], x_keys: Sequence[str],
+                           other_keys: Sequence[str], show_curve: bool) -> dict[str, list[dict]]:
+  """`series` with the lines of the same models drawn once (vanilla at every TNA-PFN mask setting
+  of the grid: the sweep trains them once), named without the settings that did not change them."""
+  groups: dict[tuple, list[str]] = {}
+  for label, rows in series.items():
+    values = tuple(sorted((str(r[x]), r["curve"], *(r.get(m) for m in metrics)) for r in rows))
+    groups.setdefault((rows[0]["variant"], values), []).append(label)
+  merged = {}
+  for labels in groups.values():
+    rows = series[labels[0]]
+    if len(labels) > 1:
+      same = [k for k in other_keys if len({r.get(k) for label in labels for r in series[label]}) == 1]
+      merged[series_label(rows[0], x_keys, same, show_curve)] = rows
+    else:
+      merged[labels[0]] = rows
+  return merged
 
 
 def plot_rounds(path: files.PathLike, series: dict[str, dict[str, Sequence[float]]], title: str) -> None:
