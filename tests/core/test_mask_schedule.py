@@ -251,7 +251,7 @@ def test_a_schedule_that_would_fix_entries_again_or_release_none_is_refused(over
 def test_a_sweep_trains_schedules_as_an_axis_in_one_program_and_constant_ignores_schedule_end(tmp_path):
   config = loader.apply_preset(loader.defaults("sweep"), "quick")
   config.num_train, config.num_test, config.model.depth, config.model.width = 512, 200, 1, 16
-  config.variants, config.mask.fixed_fraction, config.sweep.seeds = "vanilla,tna", 0.5, 1
+  config.variants, config.mask.fixed_fraction, config.sweep.seeds, config.lmc.bn_modes = "vanilla,tna", 0.5, 1, "raw"
   config.sweep.grid = "mask.schedule=constant,linear; mask.schedule_end=0.5,1"
   results = sweep.run(config, str(tmp_path))
   # vanilla, constant TNA-PFN (either schedule_end), linear ending at 0.5 and at 1: 4 distinct pairs.
@@ -271,16 +271,19 @@ def _main(config, workdir, *flags):
 
 @pytest.mark.parametrize("config,flags", [
     ("configs/fmnist_mlp.py:quick", ["--config.mask.schedule=linear", "--config.mask.fixed_fraction=0.6",
-                                     "--config.num_train=512", "--config.model.width=32", "--config.lmc.num_alphas=3"]),
-    ("configs/default_fed.py:quick", ["--config.mask.schedule=cosine", "--config.algorithms=fedavg,fedpfn",
-                                      "--config.model.name=mlp", "--config.model.width=32"]),
+                                     "--config.num_train=512", "--config.num_test=200", "--config.model.depth=1",
+                                     "--config.model.width=32", "--config.lmc.num_alphas=3",
+                                     "--config.lmc.bn_modes=raw"]),
+    # fed: FedAvg beside a scheduled FedPFN is test_fed_schedules_over_rounds_and_every_client_holds_the_round_s_mask.
+    ("configs/default_fed.py:quick", ["--config.mask.schedule=cosine", "--config.algorithms=fedpfn",
+                                      "--config.num_test=200", "--config.model.name=mlp", "--config.model.width=32"]),
 ])
 def test_each_experiment_runs_a_schedule_through_main(tmp_path, config, flags):
   result = _main(config, tmp_path / "run", *flags)
   assert result.returncode == 0, result.stderr[-3000:]
   results = json.loads((tmp_path / "run" / "results.json").read_text())
   if "fed" in config:
-    assert results["summary"][1]["mask_schedule"] == "cosine"
+    assert results["summary"][0]["mask_schedule"] == "cosine"
     assert "FedPFN (mask ratio 0.4, cosine to 0 % by 100 % of training" in result.stdout
   else:
     assert {row["variant"] for row in results["summary"]} == {"vanilla", "tna", "pruning"}

@@ -33,8 +33,8 @@ so a released entry's first SGD update is lr x g. (Measured with configs/sweep_s
 3 seeds: +0.3 pp accuracy on average over its 8 schedules against keeping the state, -0.3 to
 +1.0 pp per schedule; README, "Mask ratio schedules".) Adam's bias correction counts the run's
 steps, not the entry's, so a late-released entry's first Adam steps are larger than a fresh
-Adam's; prefer SGD with schedules. Entries
-that stay fixed move by 0 either way, so constant models train bit-identically. In `fed`
+Adam's; prefer SGD with schedules. Entries that stay fixed move by 0 either way, so constant
+models train bit-identically. In `fed`
 every client starts each round with a fresh optimizer and the server's state of a fixed entry
 stays 0 (its pseudo-gradient is 0), so released entries start fresh there too; FedPNU's
 alternation within a round keeps the optimizer state, as without a schedule.
