@@ -46,6 +46,9 @@ def get_config(arg=None):
       fixed_fraction=0.4,  # FedPFN/FedPNU: fraction of entries clients hold fixed (the paper's mask ratio)
       granularity="weight", include="", exclude="", seed=0,
       redraw="never",  # never: one mask for the run | every_round: the server draws a new one every round
+      schedule="constant",  # constant | linear | cosine | step: the fixed fraction over the rounds
+      final_fraction=0.0,  # a schedule's fixed fraction at its end (<= the ratio: entries are only released)
+      schedule_end=1.0,  # fraction of the rounds at which the schedule reaches final_fraction (step: drops there)
   ))
   config.server = ml_collections.ConfigDict(dict(
       learning_rate=1.0,  # SGD servers: global step = learning_rate * (weighted mean client update, with momentum)

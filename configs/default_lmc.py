@@ -46,6 +46,9 @@ def get_config(arg=None):
       exclude="",
       seed=0,
       select="random",  # random | magnitude_small | magnitude_large (by |w| of a pretrained base: base.source=hf)
+      schedule="constant",  # constant | linear | cosine | step: the fixed fraction over training (tna only)
+      final_fraction=0.0,  # a schedule's fixed fraction at its end (<= fixed_fraction: entries are only released)
+      schedule_end=1.0,  # fraction of training at which the schedule reaches final_fraction (step: drops there)
   ))
   config.pruning_fraction = 0.4  # entries zeroed at init and kept zero by the 'pruning' variant
 

@@ -38,6 +38,8 @@ _EXPORTS: dict[str, tuple[str, str]] = {
     "no_mask": ("tna_jax.core.masks", "no_mask"),
     "prune": ("tna_jax.core.masks", "prune"),
     "freeze": ("tna_jax.core.masks", "freeze"),
+    "MaskSpec": ("tna_jax.core.masks", "MaskSpec"),
+    "MaskSchedule": ("tna_jax.core.mask_schedule", "Schedule"),  # a mask ratio that falls during training
     # the optimizer and training K stacked models
     "make_optimizer": ("tna_jax.core.optim", "make_optimizer"),
     "init_train_state": ("tna_jax.core.train", "init_train_state"),

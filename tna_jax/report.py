@@ -22,6 +22,7 @@ from absl import app
 from absl import flags
 from absl import logging
 
+from tna_jax.core import mask_schedule
 from tna_jax.errors import TnaError
 from tna_jax.experiments import fed
 from tna_jax.runs import aggregate, files, reporting, workdir
@@ -72,7 +73,8 @@ def tidy_rows(results: dict[str, Any]) -> list[dict[str, Any]]:
     section = sections.get((row["variant"], row["bn_mode"]), {}) if not row.get("repair") else {}
     rows.append({"variant": row["variant"], "seed": config["init_seed"], "init_seed": config["init_seed"],
                  "label": reporting.variant_label(row["variant"], config["mask"]["fixed_fraction"],
-                                                  config["pruning_fraction"]),
+                                                  config["pruning_fraction"],
+                                                  mask_schedule.Schedule.from_config(config["mask"]).describe()),
                  "curve": row["curve"], **{m: row[m] for m in aggregate.METRICS if m in row},
                  **{m: section[m] for m in aggregate.K_MODEL_METRICS if m in section}})
   return rows

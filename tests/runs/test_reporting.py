@@ -37,3 +37,20 @@ def test_plot_marks_each_barrier_and_writes_png_at_200_dpi_and_pdf(tmp_path, mon
   with Image.open(tmp_path / "curves.png") as png:
     assert round(png.info["dpi"][0]) == reporting.DPI
   assert (tmp_path / "curves.pdf").read_bytes()[:5] == b"%PDF-"
+
+
+def test_a_sweep_figure_draws_the_same_models_once_named_without_the_settings_they_ignore(tmp_path, monkeypatch):
+  # vanilla trains once for every TNA-PFN setting of the grid: one line, not one per setting.
+  def row(schedule, ratio, variant, barrier):
+    return {"mask.schedule": schedule, "mask.fixed_fraction": ratio, "variant": variant, "curve": "raw",
+            "label": "vanilla" if variant == "vanilla" else f"TNA-PFN ({100 * ratio:.0f} % fixed)",
+            **{m: barrier for m, _ in reporting.SWEEP_PANELS}, **{f"{m}_std": 0.0 for m, _ in reporting.SWEEP_PANELS}}
+
+  summary = [row(s, r, "vanilla", 0.1) for s in ("constant", "linear") for r in (0.6, 0.9)]
+  summary += [row("constant", 0.6, "tna", 0.01), row("linear", 0.6, "tna", 0.02),
+              row("constant", 0.9, "tna", 0.0), row("linear", 0.9, "tna", 0.02)]
+  legends = []
+  monkeypatch.setattr(reporting, "save_figure",
+                      lambda fig, axes, path, title: legends.append(axes[0].get_legend_handles_labels()[1]))
+  reporting.plot_sweep(tmp_path / "sweep.png", summary, ["mask.schedule"], ["mask.fixed_fraction"], "t")
+  assert legends == [["vanilla", "TNA-PFN, fixed_fraction 0.6", "TNA-PFN, fixed_fraction 0.9"]]

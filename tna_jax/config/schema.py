@@ -19,7 +19,7 @@ import ml_collections
 from tna_jax import experiments
 from tna_jax.alignment import interpolation, matching, permutations
 from tna_jax.config import grid
-from tna_jax.core import data, masks, models, optim, sharding, text_data, transformer_models
+from tna_jax.core import data, mask_schedule, masks, models, optim, sharding, text_data, transformer_models
 from tna_jax.errors import ConfigError, check_choice
 from tna_jax.federated import algorithms, partition
 from tna_jax.fusion import bases, merging, tasks
@@ -123,6 +123,15 @@ def _mask_used(config) -> bool:
 
 def _mask_fraction_used(config) -> bool:
   return _fed_algorithm("uses_config_ratio")(config) if config.experiment == "fed" else _variant("tna")(config)
+
+
+def _schedulable(config) -> bool:
+  """Whether some model's mask follows `mask.schedule`: TNA-PFN's (lmc, sweep), a masked fed algorithm's."""
+  return _fed_algorithm("masked")(config) if config.experiment == "fed" else _variant("tna")(config)
+
+
+def _schedule_used(config) -> bool:
+  return _schedulable(config) and config.mask.schedule != "constant"
 
 
 def _is(path: str, *values) -> Callable[[Any], bool]:
@@ -231,6 +240,17 @@ KEYS: tuple[Key, ...] = (
         "exactly the fixed_fraction of each leaf with the smallest / largest |w| of the base (needs a base: soup, "
         "cold with base.source != init, lmc with base.source = hf; ties broken by mask.seed)", experiments=WITH_SELECT,
         choices=masks.SELECTIONS, **_MASK),
+    Key("mask.schedule", str, "the fixed fraction over training (fed: over rounds): constant, or from "
+        "mask.fixed_fraction down to mask.final_fraction in one seeded release order (linear, cosine, or all at once "
+        "at mask.schedule_end: step); lmc's pruning stays constant", experiments=TRAINED_FROM_SCRATCH,
+        choices=mask_schedule.SCHEDULES, applies=_schedulable,
+        condition={"lmc": "variants has tna", "sweep": "variants has tna", "fed": "an algorithm is fedpfn or fedpnu"}),
+    Key("mask.final_fraction", float, "fixed fraction the schedule ends at; at most the starting fraction (entries "
+        "are only released, never fixed again)", experiments=TRAINED_FROM_SCRATCH, low=0, high=1, high_open=True,
+        applies=_schedule_used, condition="mask.schedule != constant"),
+    Key("mask.schedule_end", float, "fraction of training (fed: of the rounds) at which the schedule reaches "
+        "mask.final_fraction (step: where it drops)", experiments=TRAINED_FROM_SCRATCH, low=0, high=1, low_open=True,
+        applies=_schedule_used, condition="mask.schedule != constant"),
     Key("overwrite", bool, "replace an earlier run in the workdir: the new run is built beside it and swapped in "
         "when complete; the old one is kept as WORKDIR.previous-TIME"),
     # lmc
@@ -544,6 +564,10 @@ def mask_select_has_a_base(config) -> None:
   if config.mask.select != "random" and config.mask.granularity != "weight":
     raise ConfigError(f"mask.select={config.mask.select!r} ranks single entries by |w|; it needs "
                       f"mask.granularity='weight', not {config.mask.granularity!r}.")
+  if config.mask.select != "random" and config.mask.get("schedule", "constant") != "constant":
+    raise ConfigError(f"mask.select={config.mask.select!r} with mask.schedule={config.mask.schedule!r}: a schedule "
+                      "releases entries in its own seeded random order; use mask.schedule='constant' with a magnitude "
+                      "rule, or mask.select='random' with a schedule.")
 
 
 def tasks_fit_dataset(config) -> None:
@@ -576,6 +600,28 @@ def grid_points_are_valid(config) -> None:
         rule(point)
 
 
+def schedule_only_releases(config) -> None:
+  """A mask schedule lowers the fixed fraction from every scheduled mask's ratio (lmc: TNA-PFN's,
+  fed: each masked algorithm's, '@ratio' included), keeps one release order (fed: no redraw),
+  and a step schedule drops before training ends."""
+  if not _schedule_used(config):
+    return
+  schedule = mask_schedule.Schedule.from_config(config.mask)
+  if config.experiment != "fed":
+    schedule.check(config.mask.fixed_fraction)
+  else:
+    for algorithm in map(algorithms.parse, values(config, "algorithms")):
+      if algorithm.masked:
+        schedule.check(algorithm.mask_spec(masks.MaskSpec.from_config(config.mask)).fixed_fraction,
+                       "" if algorithm.uses_config_ratio else algorithm.name)
+    if config.mask.redraw != "never":
+      raise ConfigError(f"mask.schedule={schedule.kind!r} releases entries in one fixed order, which "
+                        f"mask.redraw={config.mask.redraw!r} would redraw every round; use mask.redraw=never.")
+  if schedule.kind == "step" and schedule.end == 1.0:
+    raise ConfigError("mask.schedule='step' drops to mask.final_fraction at mask.schedule_end, and "
+                      "mask.schedule_end=1 is the end of training, so nothing would be released; use a value < 1.")
+
+
 def model_can_be_aligned(config) -> None:
   """Alignment and REPAIR (lmc only) need the model's permutation spec."""
   if config.align != "none" or config.get("repair", False):
@@ -590,6 +636,7 @@ RULES: tuple[tuple[tuple[str, ...], Callable[[Any], None]], ...] = (
     (("cold",), tasks_fit_dataset),
     (("cold",), tasks_fill_a_batch),
     (ALIGNED, model_can_be_aligned),
+    (TRAINED_FROM_SCRATCH, schedule_only_releases),
     (("sweep",), grid_points_are_valid),
 )
 

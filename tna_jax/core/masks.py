@@ -74,13 +74,10 @@ def fixed_mask(
   if select != "random" and granularity != "weight":
     raise ConfigError(f"mask.select={select!r} ranks single entries by |w|; it needs mask.granularity='weight', "
                       f"not {granularity!r}.")
-  include_re = _compile(layer_regex(include, params), "mask.include")
-  exclude_re = _compile(exclude, "mask.exclude")
   root = jax.random.key(seed)
 
-  def leaf_mask(path: str, leaf: jax.Array) -> jax.Array:
-    eligible = (include_re is None or include_re.search(path)) and not (exclude_re and exclude_re.search(path))
-    if not eligible or fixed_fraction == 0.0:
+  def leaf_mask(path: str, leaf: jax.Array, is_eligible: bool) -> jax.Array:
+    if not is_eligible or fixed_fraction == 0.0:
       return jnp.zeros(leaf.shape, bool)
     if select != "random":
       return magnitude_mask(leaf, fixed_fraction, tree_utils.path_key(root, path), largest=select == "magnitude_large")
@@ -90,7 +87,16 @@ def fixed_mask(
       return jnp.broadcast_to(per_unit, leaf.shape)
     return jax.random.bernoulli(tree_utils.path_key(root, path), fixed_fraction, leaf.shape)
 
-  return tree_utils.map_with_path_str(leaf_mask, params)
+  return tree_utils.map_with_path_str(leaf_mask, params, eligible(params, include, exclude))
+
+
+def eligible(params: PyTree, include: str = "", exclude: str = "") -> PyTree:
+  """Per leaf of `params`, whether a mask may fix its entries (a Python bool per leaf): its path
+  matches `include` (a regex or a `LAYER_PRESETS` name; '' = every leaf) and not `exclude`."""
+  include_re = _compile(layer_regex(include, params), "mask.include")
+  exclude_re = _compile(exclude, "mask.exclude")
+  selected = lambda path: (include_re is None or include_re.search(path)) and not (exclude_re and exclude_re.search(path))
+  return tree_utils.map_with_path_str(lambda path, _: bool(selected(path)), params)
 
 
 def magnitude_mask(weights: jax.Array, fixed_fraction: float, key: jax.Array, largest: bool = False) -> jax.Array:

@@ -23,19 +23,21 @@ import numpy as np
 import optax
 from tqdm import tqdm
 
-from tna_jax.core import data, evaluate, execution, flops, sharding, stacking
+from tna_jax.core import data, evaluate, execution, flops, mask_schedule, sharding, stacking
 from tna_jax.errors import ConfigError
 
 PyTree = Any
 
 
 class TrainState(flax.struct.PyTreeNode):
-  """One model's training state. `fixed` is its TNA-PFN mask (all False for vanilla)."""
+  """One model's training state. `fixed` is its TNA-PFN mask (all False for vanilla); with a mask
+  schedule (`release`, `tna_jax.core.mask_schedule`), the mask of the last step."""
 
   params: PyTree
   batch_stats: PyTree  # {} for models without BatchNorm
   opt_state: optax.OptState
   fixed: PyTree
+  release: mask_schedule.Release | None = None  # None: the mask never changes (no leaves: today's state)
 
   @property
   def variables(self) -> dict:
@@ -43,16 +45,18 @@ class TrainState(flax.struct.PyTreeNode):
     return {"params": self.params, **({"batch_stats": self.batch_stats} if self.batch_stats else {})}
 
 
-def init_train_state(tx: optax.GradientTransformation, variables: dict, fixed: PyTree) -> TrainState:
+def init_train_state(tx: optax.GradientTransformation, variables: dict, fixed: PyTree,
+                     release: mask_schedule.Release | None = None) -> TrainState:
   """Optimizer state for `variables` (as returned by `models.init_variables`)."""
   params = variables["params"]
   return TrainState(params=params, batch_stats=variables.get("batch_stats", {}), opt_state=tx.init(params),
-                    fixed=fixed)
+                    fixed=fixed, release=release)
 
 
 def train_step(model, tx: optax.GradientTransformationExtraArgs, state: TrainState, images: jax.Array,
                labels: jax.Array) -> tuple[TrainState, dict[str, jax.Array]]:
-  """One SGD step on a float batch; the mask reaches the optimizer's last transform."""
+  """One SGD step on a float batch; the mask reaches the optimizer's last transform (with a
+  schedule, the state's mask less the entries released by this step)."""
 
   def loss_fn(params):
     variables = {"params": params, **({"batch_stats": state.batch_stats} if state.batch_stats else {})}
@@ -65,7 +69,11 @@ def train_step(model, tx: optax.GradientTransformationExtraArgs, state: TrainSta
     return loss, (logits, batch_stats)
 
   (loss, (logits, batch_stats)), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params)
+  if state.release is not None:
+    state = state.replace(fixed=state.release.narrow(state.fixed), release=state.release.advance())
   updates, opt_state = tx.update(grads, state.opt_state, state.params, fixed_mask=state.fixed)
+  if state.release is not None:  # a released entry starts with fresh momentum (see mask_schedule)
+    opt_state = mask_schedule.zero_fixed_state(tx, opt_state, state.fixed)
   state = state.replace(params=optax.apply_updates(state.params, updates), batch_stats=batch_stats,
                         opt_state=opt_state)
   accuracy = jnp.mean(jnp.argmax(logits, -1) == labels)

@@ -23,7 +23,7 @@ import numpy as np
 from tqdm import tqdm
 
 from tna_jax.config import schema
-from tna_jax.core import data, evaluate, execution, masks, models, optim, sharding, train
+from tna_jax.core import data, evaluate, execution, mask_schedule, masks, models, optim, sharding, train
 from tna_jax.errors import DivergedError
 from tna_jax.federated import algorithms, client, partition
 from tna_jax.runs import reporting, runtime
@@ -73,6 +73,7 @@ def run(config, workdir: str) -> dict[str, Any]:
                  for algorithm_spec in {spec.for_algorithm(algorithm) for algorithm in compared}}
     train_set = tuple(sharding.shard_rows(a, mesh) for a in (dataset.train_images, dataset.train_labels))
     evaluate_fn = make_evaluate(model, dataset, counts, config)
+    schedule = mask_schedule.Schedule.from_config(config.mask)
 
     run.start()
     partition.plot_label_distribution(run.path("label_distribution.png"), counts,
@@ -82,7 +83,8 @@ def run(config, workdir: str) -> dict[str, Any]:
     summaries, histories = [], {}
     for algorithm in compared:
       state = algorithms.init(algorithm, variables, spec.mask, local_epochs=config.local_epochs,
-                              prox_mu=config.prox_mu, server=algorithms.ServerHyper(**config.server))
+                              prox_mu=config.prox_mu, server=algorithms.ServerHyper(**config.server),
+                              schedule=schedule, num_rounds=config.num_rounds)
       phase = run.phase(algorithm.name, total=config.num_rounds, unit="round")
       try:
         with run.timed(algorithm.name):
@@ -92,7 +94,7 @@ def run(config, workdir: str) -> dict[str, Any]:
         others = [a.name for a in compared if a is not algorithm]
         raise DivergedError(f"{e} The algorithms before it are checkpointed: to compare the others without it, run "
                             f"the same command with --config.algorithms={','.join(others)}") from None
-      summaries.append(summarize(algorithm, spec.mask, histories[algorithm.name], config.final_rounds))
+      summaries.append(summarize(algorithm, spec.mask, histories[algorithm.name], config.final_rounds, schedule))
 
     results = {"config": config.to_dict(), "partition": split, "summary": summaries, "history": histories}
     title = f"{config.model.name} on {config.dataset}, {config.partition.kind} split, {len(parts)} clients"
@@ -168,13 +170,13 @@ def train_algorithm(phase: runtime.Phase, state: algorithms.ServerState, round_f
   return phase.history
 
 
-def summarize(algorithm: algorithms.Algorithm, mask_spec: masks.MaskSpec, history: list[dict],
-              final_rounds: int) -> dict[str, Any]:
+def summarize(algorithm: algorithms.Algorithm, mask_spec: masks.MaskSpec, history: list[dict], final_rounds: int,
+              schedule: mask_schedule.Schedule = mask_schedule.Schedule()) -> dict[str, Any]:
   """One table row: accuracy over the last `final_rounds` evaluations (the paper's measure),
-  and for masked algorithms the mask they ran under (ratio, redraw)."""
+  and for masked algorithms the mask they ran under (ratio, redraw, schedule)."""
   tested = [h for h in history if "test_accuracy" in h]
   last = tested[-final_rounds:]
-  row = {"algorithm": algorithm.name, "label": algorithm.label(mask_spec), "rounds": history[-1]["round"],
+  row = {"algorithm": algorithm.name, "label": algorithm.label(mask_spec, schedule), "rounds": history[-1]["round"],
          "final_accuracy": 100 * float(np.mean([h["test_accuracy"] for h in last])),
          "best_accuracy": 100 * max(h["test_accuracy"] for h in tested),
          "last_accuracy": 100 * tested[-1]["test_accuracy"],
@@ -183,7 +185,8 @@ def summarize(algorithm: algorithms.Algorithm, mask_spec: masks.MaskSpec, histor
     local = 100 * np.mean([h["client_accuracy"] for h in last], axis=0)
     row.update(local_accuracy=float(local.mean()), worst_client_accuracy=float(local.min()))
   if algorithm.masked:
-    row.update(mask_ratio=algorithm.mask_spec(mask_spec).fixed_fraction, mask_redraw=mask_spec.redraw)
+    row.update(mask_ratio=algorithm.mask_spec(mask_spec).fixed_fraction, mask_redraw=mask_spec.redraw,
+               **{f"mask_{key}": value for key, value in schedule.key().items()})
   return row
 
 

@@ -31,7 +31,7 @@ from tna_jax.alignment import matching
 from tna_jax.alignment.measurement import (align_pairs, check_finite_curves, make_measurement, measure_curves,
                                            measure_k_models)
 from tna_jax.config import schema
-from tna_jax.core import data, execution, masks, models, optim, sharding, train
+from tna_jax.core import data, execution, mask_schedule, masks, models, optim, sharding, train
 from tna_jax.fusion import pretrained
 from tna_jax.runs import reporting, runtime
 
@@ -94,7 +94,12 @@ def run(config, workdir: str) -> dict[str, Any]:
       variables = models.init_variables(model, jax.random.key(config.init_seed), dataset.image_shape, config.model.init)
     params = variables["params"]
     mask_spec = masks.MaskSpec.from_config(config.mask)
-    starts = {v: masks.training_start(v, variables, mask_spec, config.pruning_fraction) for v in masks.TRAINING_VARIANTS}
+    steps_per_epoch = len(dataset.train_labels) // config.batch_size
+    total_steps = steps_per_epoch * config.num_epochs
+    schedule = mask_schedule.Schedule.from_config(config.mask)
+    starts = dict(zip(masks.TRAINING_VARIANTS, mask_schedule.with_releases(
+        [mask_schedule.training_start(v, variables, mask_spec, config.pruning_fraction, schedule, total_steps)
+         for v in masks.TRAINING_VARIANTS])))
     tna_mask, pruning_mask = starts["tna"][1], starts["pruning"][1]
     variants = schema.values(config, "variants")
     k = config.num_models
@@ -102,8 +107,7 @@ def run(config, workdir: str) -> dict[str, Any]:
                  sum(p.size for p in jax.tree.leaves(params)), masks.fraction_fixed(tna_mask),
                  masks.fraction_fixed(pruning_mask))
 
-    steps_per_epoch = len(dataset.train_labels) // config.batch_size
-    tx = optim.make_optimizer(config.optimizer, steps_per_epoch * config.num_epochs)
+    tx = optim.make_optimizer(config.optimizer, total_steps)
     names = [f"{v}_{i}" for v in variants for i in range(k)]
     data_seeds = [config.data_seed + i for _ in variants for i in range(k)]
     mesh = sharding.make_mesh(len(names), config.batch_size)
@@ -193,6 +197,7 @@ def curve_labels(config, names) -> dict[str, str]:
   labels = {}
   for name in names:
     variant, _, rest = name.partition(" ")
-    spelled = reporting.variant_label(variant, config.mask.fixed_fraction, config.pruning_fraction)
+    spelled = reporting.variant_label(variant, config.mask.fixed_fraction, config.pruning_fraction,
+                                      mask_schedule.Schedule.from_config(config.mask).describe())
     labels[name] = f"{spelled} {rest}".strip()
   return labels

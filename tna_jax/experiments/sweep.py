@@ -40,7 +40,7 @@ from tqdm import tqdm
 
 from tna_jax.alignment import measurement
 from tna_jax.config import grid, schema
-from tna_jax.core import data, execution, masks, models, optim, sharding, train
+from tna_jax.core import data, execution, mask_schedule, masks, models, optim, sharding, train
 from tna_jax.runs import aggregate, reporting, runtime, workdir
 
 # The keys whose values decide the compiled training program (besides the dataset).
@@ -87,10 +87,13 @@ def program_key(config) -> str:
 
 def training_identity(job: Job) -> str:
   """Equal for jobs whose models train bit-identically: the program, the init and data seeds,
-  and the mask's draw (none for vanilla and for a ratio of 0, which is vanilla)."""
+  and the mask's draw (none for vanilla and for a ratio of 0, which is vanilla) with TNA-PFN's
+  schedule (none when constant)."""
   config = job.config
   ratio = 0.0 if job.variant == "vanilla" else grid.get_value(config, reporting.RATIO_KEYS[job.variant])
-  mask = {"variant": job.variant, "ratio": ratio, **{k: config.mask[k] for k in MASK_KEYS}} if ratio else None
+  schedule = mask_schedule.Schedule.from_config(config.mask).key() if job.variant == "tna" else {}
+  mask = ({"variant": job.variant, "ratio": ratio, **{k: config.mask[k] for k in MASK_KEYS}, **schedule} if ratio
+          else None)
   return json.dumps({"program": program_key(config), "init_seed": config.init_seed, "data_seed": config.data_seed,
                      "mask": mask}, sort_keys=True)
 
@@ -169,10 +172,12 @@ def train_program(run: runtime.Run, name: str, jobs: list[Job], dataset: data.Da
   model = models.get_model(config.model, dataset.num_classes)
   init = {seed: models.init_variables(model, jax.random.key(seed), dataset.image_shape, config.model.init)
           for seed in sorted({job.config.init_seed for job in jobs})}
-  starts = [masks.training_start(job.variant, init[job.config.init_seed], masks.MaskSpec.from_config(job.config.mask),
-                                 job.config.pruning_fraction) for job in jobs]
-  steps_per_epoch = len(dataset.train_labels) // config.batch_size
-  tx = optim.make_optimizer(config.optimizer, steps_per_epoch * config.num_epochs)
+  total_steps = len(dataset.train_labels) // config.batch_size * config.num_epochs
+  starts = mask_schedule.with_releases([
+      mask_schedule.training_start(job.variant, init[job.config.init_seed], masks.MaskSpec.from_config(job.config.mask),
+                                   job.config.pruning_fraction, mask_schedule.Schedule.from_config(job.config.mask),
+                                   total_steps) for job in jobs])
+  tx = optim.make_optimizer(config.optimizer, total_steps)
   names = [f"{name}/{j}_{job.variant}_{i}" for j, job in enumerate(jobs) for i in range(k)]
   data_seeds = [job.config.data_seed + i for job in jobs for i in range(k)]
   mesh = sharding.make_mesh(len(names), config.batch_size)
@@ -220,7 +225,8 @@ def measure(run: runtime.Run, config, programs: list[list[Job]], where: dict[str
           measurements[p] = measurement.make_measurement(point, model, variables, dataset, execution.policy())
         measured[identity] = new[identity] = measure_variant(point, model, variant, variables, dataset,
                                                              measurements[p])
-      label = reporting.variant_label(variant, point.mask.fixed_fraction, point.pruning_fraction)
+      label = reporting.variant_label(variant, point.mask.fixed_fraction, point.pruning_fraction,
+                                      mask_schedule.Schedule.from_config(point.mask).describe())
       unit_rows += [{"point": u // config.sweep.seeds, **overrides, "variant": variant, "label": label, "seed": r,
                      "init_seed": point.init_seed, **row} for row in measured[identity]]
     rows += unit_rows

@@ -28,7 +28,7 @@ import jax
 import jax.numpy as jnp
 import optax
 
-from tna_jax.core import execution, masks
+from tna_jax.core import execution, mask_schedule, masks
 from tna_jax.errors import ConfigError, check_choice
 from tna_jax.federated import client
 
@@ -64,14 +64,16 @@ class Algorithm:
     """The run's mask spec at this algorithm's own ratio, where its name gives one."""
     return spec if self.fixed_fraction is None else dataclasses.replace(spec, fixed_fraction=self.fixed_fraction)
 
-  def label(self, spec: masks.MaskSpec) -> str:
+  def label(self, spec: masks.MaskSpec, schedule: mask_schedule.Schedule = mask_schedule.Schedule()) -> str:
     """How tables and plots name it, with the mask it ran under: 'FedAvg', 'FedPFN+prox (mask
-    ratio 0.4, never redrawn)', 'FedPNU (mask ratio 0.3, redrawn every round)'."""
+    ratio 0.4, never redrawn)', 'FedPNU (mask ratio 0.3, redrawn every round)', 'FedPFN (mask
+    ratio 0.6, linear to 0 % by 100 % of training, never redrawn)'."""
     base, *modifiers = self.name.partition("@")[0].split("+")
     label = "+".join([PAPER_NAMES[base], *modifiers])
     if not self.masked:
       return label
-    return f"{label} (mask ratio {self.mask_spec(spec).fixed_fraction:g}, {REDRAW_WORDS[spec.redraw]})"
+    return (f"{label} (mask ratio {self.mask_spec(spec).fixed_fraction:g}{schedule.describe()}, "
+            f"{REDRAW_WORDS[spec.redraw]})")
 
 
 def parse(name: str) -> Algorithm:
@@ -150,6 +152,7 @@ class ServerState(flax.struct.PyTreeNode):
   server: ServerHyper
   round: jax.Array  # int32: rounds done
   optimizer: str = flax.struct.field(pytree_node=False, default="sgd")  # a key of SERVER_OPTIMIZERS
+  release: mask_schedule.Release | None = None  # a mask schedule over rounds; None: the mask never narrows
 
   @property
   def server_tx(self) -> optax.GradientTransformation:
@@ -158,24 +161,32 @@ class ServerState(flax.struct.PyTreeNode):
 
 
 def init(algorithm: Algorithm, variables: dict, mask_spec: masks.MaskSpec, *, local_epochs: int, prox_mu: float = 0.01,
-         server: ServerHyper = ServerHyper()) -> ServerState:
+         server: ServerHyper = ServerHyper(), schedule: mask_schedule.Schedule = mask_schedule.Schedule(),
+         num_rounds: int = 1) -> ServerState:
   """The state before round 1: the shared initialization and the algorithm's settings.
 
   FedPNU clients switch to the reversed mask after int(local_epochs / 2) epochs; with one
   local epoch that is from the start, as the rule says. The mask is drawn at the algorithm's
   own ratio where its name gives one ('fedpnu@0.3'). prox_mu and server.momentum only
   apply to algorithms that use them: the others get 0, so FedAvg's server is SGD without
-  momentum in the same program as FedAvgM's.
+  momentum in the same program as FedAvgM's. A mask `schedule` runs over the `num_rounds`
+  rounds: a masked algorithm starts from the top of the release order at its ratio
+  (`mask_schedule`), and every algorithm's state carries a release, so all share one program.
   """
   params = variables["params"]
   mask = algorithm.mask_spec(mask_spec).draw(params) if algorithm.masked else masks.no_mask(params)
+  release = None
+  if schedule.scheduled:
+    mask, release = (schedule.start(params, algorithm.mask_spec(mask_spec), num_rounds) if algorithm.masked
+                     else (mask, mask_schedule.never_released(params)))
   hyper = ClientHyper(mu=jnp.float32(prox_mu if algorithm.prox else 0.0),
                       reverse_epoch=jnp.int32(local_epochs // 2 if algorithm.mask == "pnu" else local_epochs),
                       masked=jnp.bool_(algorithm.masked), lr_scale=jnp.float32(1.0))
   server = jax.tree.map(jnp.float32, server.replace(momentum=server.momentum if algorithm.server_momentum else 0.0))
   return ServerState(params=params, batch_stats=variables.get("batch_stats", {}),
                      opt_state=SERVER_OPTIMIZERS[algorithm.server_optimizer](server).init(params), mask=mask,
-                     hyper=hyper, server=server, round=jnp.zeros((), jnp.int32), optimizer=algorithm.server_optimizer)
+                     hyper=hyper, server=server, round=jnp.zeros((), jnp.int32), optimizer=algorithm.server_optimizer,
+                     release=release)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -252,6 +263,9 @@ def make_round(model, tx: optax.GradientTransformationExtraArgs, clients: client
     if spec.mask.redraw == "every_round":
       seed = jax.random.bits(jax.random.fold_in(jax.random.key(spec.mask.seed), state.round), (), jnp.uint32)
       mask = jax.tree.map(lambda m: m & state.hyper.masked, spec.mask.draw(state.params, seed))
+    release = state.release
+    if release is not None:  # the schedule narrows last round's mask to this round's
+      mask, release = release.narrow(mask), release.advance()
     hyper = state.hyper.replace(lr_scale=jnp.float32(spec.lr_decay) ** state.round)
     sizes = clients.sizes[ids]
 
@@ -266,7 +280,7 @@ def make_round(model, tx: optax.GradientTransformationExtraArgs, clients: client
     (mean_update, batch_stats), metrics = client.map_clients(train_client, (ids, sizes), weights,
                                                              client_batch=spec.client_batch, mesh=mesh)
     state = server_step(state, mean_update).replace(batch_stats=batch_stats, mask=mask, hyper=hyper,
-                                                    round=state.round + 1)
+                                                    round=state.round + 1, release=release)
     return state, {"clients": ids, **metrics}
 
   return lambda state, images, labels: round_fn(state, clients, images, labels)

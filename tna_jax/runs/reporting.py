@@ -76,13 +76,16 @@ def plot_curves(path: files.PathLike, alphas: np.ndarray, curves: dict[str, dict
 VARIANT_NAMES = {"tna": "TNA-PFN", "pruning": "pruning at init"}  # as papers name the variants
 
 
-def variant_label(variant: str, fixed_fraction: float, pruning_fraction: float) -> str:
-  """How a paper names a training variant: 'vanilla', 'TNA-PFN (40 % fixed)', 'pruning at init (40 %)'."""
-  return {"tna": f"{VARIANT_NAMES['tna']} ({100 * fixed_fraction:.0f} % fixed)",
+def variant_label(variant: str, fixed_fraction: float, pruning_fraction: float, schedule: str = "") -> str:
+  """How a paper names a training variant: 'vanilla', 'TNA-PFN (40 % fixed)', 'pruning at init (40 %)';
+  `schedule` (`mask_schedule.Schedule.describe`) follows TNA-PFN's ratio: 'TNA-PFN (60 % fixed, linear to 0 %
+  by 100 % of training)'."""
+  return {"tna": f"{VARIANT_NAMES['tna']} ({100 * fixed_fraction:.0f} % fixed{schedule})",
           "pruning": f"{VARIANT_NAMES['pruning']} ({100 * pruning_fraction:.0f} %)"}.get(variant, variant)
 
 
 RATIO_KEYS = {"tna": "mask.fixed_fraction", "pruning": "pruning_fraction"}  # the ratio each variant's label names
+SCHEDULE_KEYS = ("mask.schedule", "mask.final_fraction", "mask.schedule_end")  # TNA-PFN's label spells them out too
 AXIS_LABELS = {
     "mask.fixed_fraction": "mask ratio (fraction of entries fixed)",
     "mask.fixed_fraction+pruning_fraction": "mask ratio (fraction of entries fixed, or pruned)",
@@ -92,6 +95,8 @@ AXIS_LABELS = {
     "model.depth": "depth (hidden layers)",
     "mask.include": "masked layers",
     "mask.granularity": "mask granularity",
+    "mask.schedule": "mask ratio schedule (fixed fraction over training)",
+    "mask.schedule_end": "fraction of training at which the schedule ends",
     "optimizer.learning_rate": "learning rate",
     "num_epochs": "training epochs",
     "num_models": "models fused (K)",
@@ -106,10 +111,11 @@ K_MODEL_PANELS = (("loss_barrier_mean", "loss barrier, mean over pairs"),
 
 def series_label(row: dict, x_keys: Sequence[str], other_keys: Sequence[str], show_curve: bool) -> str:
   """A line of a sweep figure as a reader names it: 'TNA-PFN (40 % fixed)', or 'TNA-PFN' when
-  the x-axis is its ratio, then the curve's BN mode (when curves differ) and the values of
+  the x-axis is its ratio (or its schedule), then the curve's BN mode (when curves differ) and the values of
   the grid's other axes ('width 64')."""
   variant = row["variant"]
-  label = VARIANT_NAMES.get(variant, variant) if RATIO_KEYS.get(variant) in x_keys else row["label"]
+  spelled_on_x = RATIO_KEYS.get(variant) in x_keys or (variant == "tna" and bool(set(SCHEDULE_KEYS) & set(x_keys)))
+  label = VARIANT_NAMES.get(variant, variant) if spelled_on_x else row["label"]
   if show_curve:
     label += f" ({row['curve']})"
   return label + settings_suffix(row, other_keys)
@@ -147,6 +153,7 @@ def plot_sweep(path: files.PathLike, summary: Sequence[dict], x_keys: Sequence[s
   series: dict[str, list[dict]] = {}
   for row in summary:
     series.setdefault(series_label(row, x_keys, other_keys, show_curve), []).append(row)
+  series = merge_identical_series(series, x, [metric for metric, _ in panels], x_keys, other_keys, show_curve)
   fig, axes = pyplot().subplots(1, len(panels), figsize=(5 * len(panels), 4))
   for ax, (metric, ylabel) in zip(axes, panels):
     for label, rows in series.items():
@@ -168,6 +175,25 @@ def plot_sweep(path: files.PathLike, summary: Sequence[dict], x_keys: Sequence[s
       ax.minorticks_off()
     ax.set(xlabel=AXIS_LABELS.get("+".join(x_keys), AXIS_LABELS.get(x, x)), ylabel=ylabel)
   save_figure(fig, axes, path, title)
+
+
+def merge_identical_series(series: dict[str, list[dict]], x: str, metrics: Sequence[str], x_keys: Sequence[str],
+                           other_keys: Sequence[str], show_curve: bool) -> dict[str, list[dict]]:
+  """`series` with the lines of the same models drawn once (vanilla at every TNA-PFN mask setting
+  of the grid: the sweep trains them once), named without the settings that did not change them."""
+  groups: dict[tuple, list[str]] = {}
+  for label, rows in series.items():
+    values = tuple(sorted((str(r[x]), r["curve"], *(r.get(m) for m in metrics)) for r in rows))
+    groups.setdefault((rows[0]["variant"], values), []).append(label)
+  merged = {}
+  for labels in groups.values():
+    rows = series[labels[0]]
+    if len(labels) > 1:
+      same = [k for k in other_keys if len({r.get(k) for label in labels for r in series[label]}) == 1]
+      merged[series_label(rows[0], x_keys, same, show_curve)] = rows
+    else:
+      merged[labels[0]] = rows
+  return merged
 
 
 def plot_rounds(path: files.PathLike, series: dict[str, dict[str, Sequence[float]]], title: str) -> None:
