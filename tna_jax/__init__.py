@@ -37,6 +37,10 @@ _EXPORTS: dict[str, tuple[str, str]] = {
     "no_mask": ("tna_jax.core.masks", "no_mask"),
     "prune": ("tna_jax.core.masks", "prune"),
     "freeze": ("tna_jax.core.masks", "freeze"),
+    "training_start": ("tna_jax.core.masks", "training_start"),
+    # symmetry-breaking baselines (Lim et al. 2024)
+    "wasym_start": ("tna_jax.core.asymmetric", "wasym_start"),
+    "figlu_mask": ("tna_jax.core.asymmetric", "figlu_mask"),
     # the optimizer and training K stacked models
     "make_optimizer": ("tna_jax.core.optim", "make_optimizer"),
     "init_train_state": ("tna_jax.core.train", "init_train_state"),

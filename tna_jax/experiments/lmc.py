@@ -222,6 +222,6 @@ def curve_labels(config, names) -> dict[str, str]:
   for name in names:
     variant, _, rest = name.partition(" ")
     spelled = reporting.variant_label(variant, config.mask.fixed_fraction, config.pruning_fraction,
-                                      config.wasym.fixed_per_unit)
+                                      config.get("wasym", {}).get("fixed_per_unit"))  # older configs have none
     labels[name] = f"{spelled} {rest}".strip()
   return labels
