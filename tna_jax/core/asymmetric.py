@@ -31,8 +31,10 @@ a fixed entry of scale 1 there is ~sqrt(fan_in) times an initial LeCun weight, a
 activations grow layer by layer: lower `wasym.scale` for norm-free models (README).
 
 σ-Asymmetric (`variant_model`, `figlu_mask`). The MLP's relu becomes FiGLU, sigmoid(x F) * x
-(`models.FiGLU`), with one random F [width, width] per hidden layer, N(0, 1) as the authors'
-`AsymSwiGLU` (`torch.randn(dim, dim)`, their only choice). F is a parameter held by the mask
+(`models.FiGLU`), with one random F [width, width] per hidden layer, scale * N(0, 1) (config
+`sigma_asym.scale`; 1 by default, the authors' `AsymSwiGLU`: `torch.randn(dim, dim)`, after a
+LayerNorm). Without a norm the FiGLU MLP diverges under SGD at lr 0.05-0.1 at any scale of F
+(measured; README): clip gradients or use Adam. F is a parameter held by the mask
 rather than a separate collection: the library's training state carries params (and BatchNorm
 statistics) only, a masked parameter is bit-identical after training by `freeze`'s contract,
 and it is checkpointed, interpolated and seen by the permutation code like every other leaf.
@@ -148,7 +150,8 @@ def figlu_mask(params: PyTree) -> PyTree:
   return mask
 
 
-def model_groups(model: nn.Module, variants: list[str], figlu_scale: float = 1.0) -> list[tuple[nn.Module, list[str]]]:
+def model_groups(model: nn.Module, variants: list[str],
+                 figlu_scale: float = 1.0) -> list[tuple[nn.Module, list[str]]]:
   """The variants that train as one compiled program, with their module, in the order of
   `variants`: sigma_asym on its own (the FiGLU MLP), every other variant with `model`."""
   groups: dict[bool, list[str]] = {}

@@ -3,7 +3,8 @@
 
 All models start from one initialization. Each variant trains `num_models` models that
 differ only in data order; TNA-PFN and pruning share one mask. Every model of every variant
-trains in ONE vmapped program (sigma_asym's FiGLU MLP, another module, in a second), then each variant's pair (models 0 and 1) gets an LMC curve
+trains in ONE vmapped program (sigma_asym's FiGLU MLP, another module, in a second), then
+each variant's pair (models 0 and 1) gets an LMC curve
 (one compiled call each), and for BatchNorm models a second curve with statistics
 re-estimated at every alpha.
 
@@ -115,7 +116,8 @@ def run(config, workdir: str) -> dict[str, Any]:
     tx = optim.make_optimizer(config.optimizer, steps_per_epoch * config.num_epochs)
     # One compiled program per module: every variant but sigma_asym (the FiGLU MLP) trains in the first.
     groups = []
-    for g, (group_model, group_variants) in enumerate(asymmetric.model_groups(model, variants, config.sigma_asym.scale)):
+    program_groups = asymmetric.model_groups(model, variants, config.sigma_asym.scale)
+    for g, (group_model, group_variants) in enumerate(program_groups):
       group_names = [f"{v}_{i}" for v in group_variants for i in range(k)]
       mesh = sharding.make_mesh(len(group_names), config.batch_size)
       states = train.create_states(
