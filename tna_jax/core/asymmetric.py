@@ -33,11 +33,12 @@ activations grow layer by layer: lower `wasym.scale` for norm-free models (READM
 σ-Asymmetric (`variant_model`, `figlu_mask`). The MLP's relu becomes FiGLU, sigmoid(x F) * x
 (`models.FiGLU`), with one random F [width, width] per hidden layer, scale * N(0, 1) (config
 `sigma_asym.scale`; 1 by default, the authors' `AsymSwiGLU`: `torch.randn(dim, dim)`, after a
-LayerNorm). Without a norm the FiGLU MLP diverges under SGD at lr 0.05-0.1 at any scale of F
-(measured; README): clip gradients or use Adam. F is a parameter held by the mask
-rather than a separate collection: the library's training state carries params (and BatchNorm
-statistics) only, a masked parameter is bit-identical after training by `freeze`'s contract,
-and it is checkpointed, interpolated and seen by the permutation code like every other leaf.
+LayerNorm). Without a norm, F ~ N(0, 1) saturates the gates and the FiGLU MLP diverges under
+SGD at lr 0.1; F ~ N(0, 1/width) (scale 1/sqrt(width)) trains without clipping (README).
+F is a parameter held by the mask rather than a separate collection: the library's training
+state carries params (and BatchNorm statistics) only, a masked parameter is bit-identical
+after training by `freeze`'s contract, and it is checkpointed, interpolated and seen by the
+permutation code like every other leaf.
 The FiGLU MLP is another flax module, so it trains in its own compiled program; its Dense
 layers start from exactly the other variants' values (flax keys submodules by name).
 """
