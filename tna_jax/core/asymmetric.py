@@ -119,7 +119,7 @@ def wasym_start(variables: dict, spec: WAsymSpec) -> tuple[dict, PyTree]:
 
   def start(path: str, leaf: jax.Array) -> tuple[jax.Array, jax.Array]:
     if not _KERNEL.search(path) or leaf.ndim < 2 or spec.fixed_per_unit == 0:
-      return leaf, jnp.zeros(leaf.shape, bool)
+      return leaf, jnp.asarray(np.zeros(leaf.shape, bool))  # host zeros: no XLA program per shape
     fan_in, units = math.prod(leaf.shape[:-1]), leaf.shape[-1]
     rng = np.random.default_rng(np.asarray(jax.random.key_data(tree_utils.path_key(root, path))))
     fixed = fixed_sets(rng, fan_in, units, fixed_count(fan_in, spec.fixed_per_unit)).reshape(leaf.shape)
