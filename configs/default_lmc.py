@@ -38,7 +38,7 @@ def get_config(arg=None):
   config.init_seed = 0  # one initialization shared by every model
   config.data_seed = 1  # model i of a variant sees data order data_seed + i
   config.num_models = 2  # models per variant; the LMC pair is models 0 and 1 (all K: barrier matrix, fusion)
-  config.variants = "vanilla,tna,pruning"
+  config.variants = "vanilla,tna,pruning"  # also: wasym, sigma_asym (Lim et al.'s symmetry-breaking nets)
   config.mask = ml_collections.ConfigDict(dict(
       fixed_fraction=0.4,  # fraction of entries held at their initial values (the paper's mask ratio)
       granularity="weight",  # weight | neuron
@@ -51,6 +51,11 @@ def get_config(arg=None):
       schedule_end=1.0,  # fraction of training at which the schedule reaches final_fraction (step: drops there)
   ))
   config.pruning_fraction = 0.4  # entries zeroed at init and kept zero by the 'pruning' variant
+  # W-Asymmetric nets (variant 'wasym', Lim et al. 2024): per unit, this many fan-in entries fixed at scale * N(0, 1).
+  # 64 and 1 are the authors' MLP choices (with LayerNorm); see tna_jax/core/asymmetric.py.
+  config.wasym = ml_collections.ConfigDict(dict(fixed_per_unit=64, scale=1.0, seed=0))
+  # σ-Asymmetric nets (variant 'sigma_asym', MLP only): relu -> FiGLU sigmoid(x F) * x, F = scale * N(0, 1) fixed.
+  config.sigma_asym = ml_collections.ConfigDict(dict(scale=1.0))
 
   config.optimizer = ml_collections.ConfigDict(dict(
       name="sgd", learning_rate=0.1, momentum=0.9, nesterov=False, weight_decay=5e-4, schedule="constant",

@@ -40,6 +40,10 @@ _EXPORTS: dict[str, tuple[str, str]] = {
     "freeze": ("tna_jax.core.masks", "freeze"),
     "MaskSpec": ("tna_jax.core.masks", "MaskSpec"),
     "MaskSchedule": ("tna_jax.core.mask_schedule", "Schedule"),  # a mask ratio that falls during training
+    "training_start": ("tna_jax.core.masks", "training_start"),
+    # symmetry-breaking baselines (Lim et al. 2024)
+    "wasym_start": ("tna_jax.core.asymmetric", "wasym_start"),
+    "figlu_mask": ("tna_jax.core.asymmetric", "figlu_mask"),
     # the optimizer and training K stacked models
     "make_optimizer": ("tna_jax.core.optim", "make_optimizer"),
     "init_train_state": ("tna_jax.core.train", "init_train_state"),

@@ -42,6 +42,16 @@ Transformers (`tna_jax.core.transformer_models`, ViT and text encoder) have:
 The Hugging Face models (`tna_jax.core.hf_models`: BERT, RoBERTa, GPT-2, ViT) have the
 same permutations on their blocks `layer_{i}` (`_describe_hf`).
 
+Symmetry-breaking variants (`tna_jax.core.asymmetric`). A W-Asymmetric network has the plain
+model's parameters, so its spec is the model's: matching may still permute its units, and the
+fixed entries move with them (as TNA-PFN's anchors do). The permuted model computes what it did
+before, but its fixed pattern is no longer the run's: every unit's fixed set differs from every
+other's, so no permutation but the identity maps the pattern onto itself, and an aligned model
+averaged with model 0 mixes two patterns. A σ-Asymmetric (FiGLU) MLP has no spec at all:
+reordering units would need its fixed F reordered on both axes (P^T F P), which changes F, so
+no permutation is a symmetry; `_describe_mlp` refuses it, and configs refuse `align` and
+`repair` with it.
+
 Activation matching reads, for each permutation with an activation site, the outputs of
 the modules that carry its units on their last axis (`Description.sites`); transformers
 have sites for the residual stream (embedding and every block's output) and the MLP
@@ -212,6 +222,10 @@ def chain(modules: Sequence[str]) -> Description:
 
 
 def _describe_mlp(model: models.MLP) -> Description:
+  if model.activation == "figlu":
+    raise ConfigError("the σ-Asymmetric (FiGLU) MLP has no permutation spec: its fixed F [width, width] reads every "
+                      "unit of its layer, so a reordering P of units is a symmetry only if F = P^T F P, which a "
+                      "random F satisfies for P = identity alone; there is nothing for matching to move.")
   return chain([f"fc{i + 1}" for i in range(model.depth)] + ["head"])
 
 

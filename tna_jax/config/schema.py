@@ -19,7 +19,7 @@ import ml_collections
 from tna_jax import experiments
 from tna_jax.alignment import interpolation, matching, permutations
 from tna_jax.config import grid
-from tna_jax.core import data, mask_schedule, masks, models, optim, sharding, text_data, transformer_models
+from tna_jax.core import asymmetric, data, mask_schedule, masks, models, optim, sharding, text_data, transformer_models
 from tna_jax.errors import ConfigError, check_choice
 from tna_jax.federated import algorithms, partition
 from tna_jax.fusion import bases, merging, tasks
@@ -31,7 +31,7 @@ FINETUNE = ("soup", "cold")  # models fine-tuned from one base
 TRAINED_FROM_SCRATCH = ("lmc", "sweep", "fed")
 ALIGNED = ("lmc", "sweep", "soup")  # post-hoc matching of trained models (`align`, `matching.*`)
 
-LMC_VARIANTS = ("vanilla", "tna", "pruning")
+LMC_VARIANTS = masks.TRAINING_VARIANTS  # vanilla, tna, pruning, wasym, sigma_asym
 FINETUNE_VARIANTS = masks.STARTING_VARIANTS
 SOUP_AUGMENTATIONS = ("none", "flip", "crop", "flip+crop")
 ALIGN_CHOICES = ("none",) + matching.METHODS
@@ -259,6 +259,15 @@ KEYS: tuple[Key, ...] = (
     Key("variants", str, "comma-separated variants to train", experiments=LMC, item=str, choices=LMC_VARIANTS),
     Key("pruning_fraction", float, "fraction zeroed at init and kept zero by the pruning variant", experiments=LMC,
         low=0, high=1, high_open=True, applies=_variant("pruning"), condition="variants has pruning"),
+    Key("wasym.fixed_per_unit", int, "W-Asymmetric: fan-in entries of every Dense/Conv unit held at fixed random "
+        "values (at most half the unit's fan-in; each unit's set differs); 0 = vanilla", experiments=LMC, low=0,
+        applies=_variant("wasym"), condition="variants has wasym"),
+    Key("wasym.scale", float, "W-Asymmetric: the fixed values are scale * N(0, 1)", experiments=LMC, low=0,
+        low_open=True, applies=_variant("wasym"), condition="variants has wasym"),
+    Key("wasym.seed", int, "W-Asymmetric: seed of the fixed sets and values, shared by every model",
+        experiments=LMC, applies=_variant("wasym"), condition="variants has wasym"),
+    Key("sigma_asym.scale", float, "σ-Asymmetric: each hidden layer's fixed FiGLU matrix F is scale * N(0, 1)",
+        experiments=LMC, low=0, low_open=True, applies=_variant("sigma_asym"), condition="variants has sigma_asym"),
     Key("num_epochs", int, "training epochs", experiments=LMC, low=1),
     Key("augment.flip", bool, "random horizontal flips (the paper used none)", experiments=LMC),
     Key("augment.crop_padding", int, "random crops after zero padding by this many pixels; 0 = off",
@@ -413,8 +422,8 @@ KEYS: tuple[Key, ...] = (
     Key("sweep.grid", str, "axes separated by ';', each KEY=V1,V2,... (KEY1+KEY2=... gives both keys each value, as "
         "the ratio of TNA-PFN and pruning); the points are every combination of the axes' values",
         experiments=("sweep",), form="grid"),
-    Key("sweep.seeds", int, "replicates of every point: replicate r adds r to init_seed and mask.seed and r * "
-        "num_models to data_seed", experiments=("sweep",), low=1),
+    Key("sweep.seeds", int, "replicates of every point: replicate r adds r to init_seed, mask.seed and wasym.seed and "
+        "r * num_models to data_seed", experiments=("sweep",), low=1),
     Key("client_eval", bool, "also evaluate on the test set reweighted to each client's label mix", experiments=FED),
     Key("final_rounds", int, "reported accuracy = mean over the last this many evaluations", experiments=FED, low=1),
 )
@@ -628,6 +637,23 @@ def model_can_be_aligned(config) -> None:
     permutations.describe(models.get_model(config.model, num_classes=10))
 
 
+def asymmetric_variants_fit(config) -> None:
+  """sigma_asym needs an MLP, and has no unit permutation for alignment or REPAIR to use: FiGLU's
+  fixed F reads every unit of its layer (tna_jax/alignment/permutations.py)."""
+  asymmetric_variants = [v for v in values(config, "variants") if v in asymmetric.VARIANTS]
+  if asymmetric_variants and grid.get_value(config, "base.source") != "init":
+    raise ConfigError(f"variants {', '.join(asymmetric_variants)} build their fixed entries into the library's "
+                      f"from-scratch models; base.source={config.base.source!r} is not supported with them (use "
+                      "base.source='init').")
+  if "sigma_asym" not in values(config, "variants"):
+    return
+  asymmetric.variant_model("sigma_asym", models.get_model(config.model, num_classes=10))
+  if config.align != "none" or config.repair:
+    raise ConfigError(f"variant 'sigma_asym' cannot be aligned (align={config.align!r}, repair={config.repair}): "
+                      "FiGLU's fixed F mixes all units of a layer, so no permutation of units is a symmetry; "
+                      "drop sigma_asym from variants or set align='none', repair=False.")
+
+
 # (experiments, rule): checks that involve several keys, after every key passed on its own.
 RULES: tuple[tuple[tuple[str, ...], Callable[[Any], None]], ...] = (
     (FINETUNE + ("lmc",), base_checkpoint_is_named),
@@ -637,6 +663,7 @@ RULES: tuple[tuple[tuple[str, ...], Callable[[Any], None]], ...] = (
     (("cold",), tasks_fill_a_batch),
     (ALIGNED, model_can_be_aligned),
     (TRAINED_FROM_SCRATCH, schedule_only_releases),
+    (LMC, asymmetric_variants_fit),
     (("sweep",), grid_points_are_valid),
 )
 

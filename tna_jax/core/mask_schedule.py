@@ -54,7 +54,7 @@ import jax
 import jax.numpy as jnp
 import optax
 
-from tna_jax.core import masks, tree_utils
+from tna_jax.core import asymmetric, masks, tree_utils
 from tna_jax.errors import ConfigError, check_choice
 
 PyTree = Any
@@ -204,13 +204,13 @@ def never_released(params: PyTree) -> Release:
 
 
 def training_start(variant: str, variables: dict, spec: masks.MaskSpec, pruning_fraction: float, schedule: Schedule,
-                   total_steps: int) -> tuple[dict, PyTree, Release | None]:
+                   total_steps: int, wasym: asymmetric.WAsymSpec | None = None) -> tuple[dict, PyTree, Release | None]:
   """`masks.training_start` with the schedule: (variables, fixed mask, release or None).
 
   Only TNA-PFN follows the schedule (pruning keeps its pruned entries at zero and fixed); a
   constant schedule returns the Bernoulli mask of today's runs and no release.
   """
-  variables, fixed = masks.training_start(variant, variables, spec, pruning_fraction)
+  variables, fixed = masks.training_start(variant, variables, spec, pruning_fraction, wasym)
   if variant != "tna" or not schedule.scheduled or spec.fixed_fraction == 0.0:
     return variables, fixed, None
   fixed, release = schedule.start(variables["params"], spec, total_steps)

@@ -22,7 +22,7 @@ import jax
 import jax.numpy as jnp
 import optax
 
-from tna_jax.core import tree_utils
+from tna_jax.core import asymmetric, tree_utils
 from tna_jax.errors import ConfigError, check_choice
 
 PyTree = Any
@@ -263,20 +263,29 @@ def freeze() -> optax.GradientTransformationExtraArgs:
 # ----------------------------------------------------------------------------- fine-tuning from one base
 
 STARTING_VARIANTS = ("vanilla", "tna")
-TRAINING_VARIANTS = ("vanilla", "tna", "pruning")  # from-scratch training, compared by LMC
+# from-scratch training, compared by LMC; the last two are Lim et al.'s symmetry-breaking nets (`asymmetric`)
+TRAINING_VARIANTS = ("vanilla", "tna", "pruning") + asymmetric.VARIANTS
 
 
-def training_start(variant: str, variables: dict, spec: MaskSpec, pruning_fraction: float) -> tuple[dict, PyTree]:
+def training_start(variant: str, variables: dict, spec: MaskSpec, pruning_fraction: float,
+                   wasym: asymmetric.WAsymSpec | None = None) -> tuple[dict, PyTree]:
   """(initial variables, fixed mask) of a from-scratch `variant`: vanilla trains every
   entry; tna holds the entries of `spec`'s mask at their initial values; pruning zeroes the
   entries of `spec`'s mask drawn at `pruning_fraction` instead and keeps them zero (the
-  paper's random pruning at initialization, the same draw as TNA-PFN's at equal ratios)."""
+  paper's random pruning at initialization, the same draw as TNA-PFN's at equal ratios);
+  wasym writes `wasym`'s per-unit constants into the kernels and holds them
+  (`asymmetric.wasym_start`); sigma_asym holds the FiGLU gates of `variables`, which must be
+  the init of `asymmetric.variant_model('sigma_asym', model)`."""
   check_choice("variant", variant, TRAINING_VARIANTS)
   params = variables["params"]
   if variant == "vanilla":
     return variables, no_mask(params)
   if variant == "tna":
     return variables, spec.draw(params)
+  if variant == "wasym":
+    return asymmetric.wasym_start(variables, wasym or asymmetric.WAsymSpec())
+  if variant == "sigma_asym":
+    return variables, asymmetric.figlu_mask(params)
   pruning_mask = dataclasses.replace(spec, fixed_fraction=pruning_fraction).draw(params)
   return {**variables, "params": prune(params, pruning_mask)}, pruning_mask
 

@@ -31,18 +31,47 @@ VGG_LAYERS = {
 }
 
 
+ACTIVATIONS = ("relu", "figlu")  # MLP.activation; figlu: the σ-Asymmetric network (tna_jax.core.asymmetric)
+
+
+class FiGLU(nn.Module):
+  """FiGLU (Lim et al., NeurIPS 2024): sigmoid(x F) * x with a square random F that never trains.
+
+  F is a parameter ('gate' [width, width]) drawn scale * N(0, 1); the authors' code draws N(0, 1)
+  (`torch.randn`, scale 1). It stays fixed because the σ-Asymmetric variant's mask holds it (`asymmetric.figlu_mask`).
+  Each unit's gate reads every unit of the layer through F, so reordering units is no longer
+  a symmetry unless F is reordered on both axes.
+  """
+
+  scale: float = 1.0
+
+  @nn.compact
+  def __call__(self, x: jax.Array) -> jax.Array:
+    gate = self.param("gate", nn.initializers.normal(self.scale), (x.shape[-1], x.shape[-1]))
+    return nn.sigmoid(x @ gate) * x
+
+
 class MLP(nn.Module):
-  """Flatten, `depth` x (Dense(width) + relu), Dense head. Layers: fc1..fc{depth}, head."""
+  """Flatten, `depth` x (Dense(width) + activation), Dense head. Layers: fc1..fc{depth}, head,
+  and with activation 'figlu' one FiGLU per hidden layer (figlu1..figlu{depth}).
+
+  Flax derives each submodule's init key from its name, so fc*/head start from the same
+  values with either activation (the σ-Asymmetric variant shares the others' initialization).
+  """
   num_classes: int
   depth: int = 2
   width: int = 200
+  activation: str = "relu"
+  figlu_scale: float = 1.0  # activation 'figlu': F ~ figlu_scale * N(0, 1)
 
   @nn.compact
   def __call__(self, x: jax.Array, train: bool) -> jax.Array:
     del train  # No layer behaves differently in training.
+    check_choice("MLP.activation", self.activation, ACTIVATIONS)
     x = x.reshape((x.shape[0], -1))
     for i in range(self.depth):
-      x = nn.relu(nn.Dense(self.width, name=f"fc{i + 1}")(x))
+      x = nn.Dense(self.width, name=f"fc{i + 1}")(x)
+      x = FiGLU(self.figlu_scale, name=f"figlu{i + 1}")(x) if self.activation == "figlu" else nn.relu(x)
     return nn.Dense(self.num_classes, name="head")(x)
 
 

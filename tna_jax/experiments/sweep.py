@@ -40,13 +40,15 @@ from tqdm import tqdm
 
 from tna_jax.alignment import measurement
 from tna_jax.config import grid, schema
-from tna_jax.core import data, execution, mask_schedule, masks, models, optim, sharding, train
+from tna_jax.core import asymmetric, data, execution, mask_schedule, masks, models, optim, sharding, train
 from tna_jax.runs import aggregate, reporting, runtime, workdir
 
 # The keys whose values decide the compiled training program (besides the dataset).
 PROGRAM_SECTIONS = ("model.", "optimizer.", "augment.")
 PROGRAM_KEYS = ("num_models", "num_epochs", "batch_size", "eval_every")
 MASK_KEYS = ("granularity", "include", "exclude", "seed")  # with the ratio: what draws a variant's mask
+DRAW_KEYS = {"tna": tuple(f"mask.{k}" for k in MASK_KEYS), "pruning": tuple(f"mask.{k}" for k in MASK_KEYS),
+             "wasym": ("wasym.scale", "wasym.seed")}  # per variant, with its ratio: what draws its fixed entries
 
 
 class Job(NamedTuple):
@@ -67,9 +69,9 @@ def axes(config) -> list[grid.Axis]:
 
 
 def replicate(point: ml_collections.ConfigDict, r: int) -> ml_collections.ConfigDict:
-  """The point's config for replicate `r`: its init, mask and data seeds moved by r."""
+  """The point's config for replicate `r`: its init, mask (and W-Asymmetric) and data seeds moved by r."""
   return grid.apply(point, {"init_seed": point.init_seed + r, "mask.seed": point.mask.seed + r,
-                            "data_seed": point.data_seed + r * point.num_models})
+                            "wasym.seed": point.wasym.seed + r, "data_seed": point.data_seed + r * point.num_models})
 
 
 def units(config) -> list[tuple[dict[str, Any], int, ml_collections.ConfigDict]]:
@@ -78,24 +80,30 @@ def units(config) -> list[tuple[dict[str, Any], int, ml_collections.ConfigDict]]
           for overrides in grid.points(axes(config)) for r in range(config.sweep.seeds)]
 
 
-def program_key(config) -> str:
-  """What the compiled training program depends on: models with equal keys train together."""
+def program_key(config, variant: str) -> str:
+  """What the compiled training program depends on: models with equal keys train together
+  (sigma_asym's FiGLU MLP is a module of its own)."""
   flat = workdir.flat(config)
-  return json.dumps({k: v for k, v in flat.items() if k.startswith(PROGRAM_SECTIONS) or k in PROGRAM_KEYS},
+  return json.dumps({"figlu_scale": config.sigma_asym.scale if variant == "sigma_asym" else None,
+                     **{k: v for k, v in flat.items() if k.startswith(PROGRAM_SECTIONS) or k in PROGRAM_KEYS}},
                     sort_keys=True)
 
 
 def training_identity(job: Job) -> str:
   """Equal for jobs whose models train bit-identically: the program, the init and data seeds,
-  and the mask's draw (none for vanilla and for a ratio of 0, which is vanilla) with TNA-PFN's
-  schedule (none when constant)."""
-  config = job.config
-  ratio = 0.0 if job.variant == "vanilla" else grid.get_value(config, reporting.RATIO_KEYS[job.variant])
-  schedule = mask_schedule.Schedule.from_config(config.mask).key() if job.variant == "tna" else {}
-  mask = ({"variant": job.variant, "ratio": ratio, **{k: config.mask[k] for k in MASK_KEYS}, **schedule} if ratio
-          else None)
-  return json.dumps({"program": program_key(config), "init_seed": config.init_seed, "data_seed": config.data_seed,
-                     "mask": mask}, sort_keys=True)
+  and the draw of the fixed entries (none for vanilla and for a ratio of 0, which is vanilla;
+  sigma_asym's fixed F comes with its program and init) with TNA-PFN's schedule (none when constant)."""
+  config, variant = job.config, job.variant
+  ratio = grid.get_value(config, reporting.RATIO_KEYS[variant]) if variant in reporting.RATIO_KEYS else None
+  mask = None
+  if variant == "sigma_asym":
+    mask = {"variant": variant}
+  elif ratio:
+    schedule = mask_schedule.Schedule.from_config(config.mask).key() if variant == "tna" else {}
+    mask = {"variant": variant, "ratio": ratio,
+            **{k.split(".", 1)[-1]: grid.get_value(config, k) for k in DRAW_KEYS[variant]}, **schedule}
+  return json.dumps({"program": program_key(config, variant), "init_seed": config.init_seed,
+                     "data_seed": config.data_seed, "mask": mask}, sort_keys=True)
 
 
 def plan(config) -> tuple[list[list[Job]], dict[str, tuple[int, int]]]:
@@ -107,8 +115,9 @@ def plan(config) -> tuple[list[list[Job]], dict[str, tuple[int, int]]]:
       job = Job(variant, point)
       identity = training_identity(job)
       if identity not in where:
-        jobs = programs.setdefault(program_key(point), [])
-        where[identity] = (list(programs).index(program_key(point)), len(jobs))
+        key = program_key(point, variant)
+        jobs = programs.setdefault(key, [])
+        where[identity] = (list(programs).index(key), len(jobs))
         jobs.append(job)
   return list(programs.values()), where
 
@@ -169,14 +178,15 @@ def train_program(run: runtime.Run, name: str, jobs: list[Job], dataset: data.Da
   `name`); returns their stacked variables, job j's models at [j * num_models, (j + 1) * num_models)."""
   config = jobs[0].config
   k = config.num_models
-  model = models.get_model(config.model, dataset.num_classes)
+  model = asymmetric.variant_model(jobs[0].variant, models.get_model(config.model, dataset.num_classes),
+                                   config.sigma_asym.scale)
   init = {seed: models.init_variables(model, jax.random.key(seed), dataset.image_shape, config.model.init)
           for seed in sorted({job.config.init_seed for job in jobs})}
   total_steps = len(dataset.train_labels) // config.batch_size * config.num_epochs
   starts = mask_schedule.with_releases([
       mask_schedule.training_start(job.variant, init[job.config.init_seed], masks.MaskSpec.from_config(job.config.mask),
                                    job.config.pruning_fraction, mask_schedule.Schedule.from_config(job.config.mask),
-                                   total_steps) for job in jobs])
+                                   total_steps, asymmetric.WAsymSpec.from_config(job.config.wasym)) for job in jobs])
   tx = optim.make_optimizer(config.optimizer, total_steps)
   names = [f"{name}/{j}_{job.variant}_{i}" for j, job in enumerate(jobs) for i in range(k)]
   data_seeds = [job.config.data_seed + i for job in jobs for i in range(k)]
@@ -220,13 +230,15 @@ def measure(run: runtime.Run, config, programs: list[list[Job]], where: dict[str
       if identity not in measured:
         k = point.num_models
         variables = jax.tree.map(lambda x: x[j * k:(j + 1) * k], trained[p])
-        model = models.get_model(point.model, dataset.num_classes)
+        model = asymmetric.variant_model(variant, models.get_model(point.model, dataset.num_classes),
+                                         point.sigma_asym.scale)
         if p not in measurements:  # a program's models share the model and (the grid's rule) the lmc keys
           measurements[p] = measurement.make_measurement(point, model, variables, dataset, execution.policy())
         measured[identity] = new[identity] = measure_variant(point, model, variant, variables, dataset,
                                                              measurements[p])
       label = reporting.variant_label(variant, point.mask.fixed_fraction, point.pruning_fraction,
-                                      mask_schedule.Schedule.from_config(point.mask).describe())
+                                      mask_schedule.Schedule.from_config(point.mask).describe(),
+                                      fixed_per_unit=point.wasym.fixed_per_unit)
       unit_rows += [{"point": u // config.sweep.seeds, **overrides, "variant": variant, "label": label, "seed": r,
                      "init_seed": point.init_seed, **row} for row in measured[identity]]
     rows += unit_rows

@@ -73,18 +73,23 @@ def plot_curves(path: files.PathLike, alphas: np.ndarray, curves: dict[str, dict
   save_figure(fig, (ax_loss, ax_acc), path, title)
 
 
-VARIANT_NAMES = {"tna": "TNA-PFN", "pruning": "pruning at init"}  # as papers name the variants
+VARIANT_NAMES = {"tna": "TNA-PFN", "pruning": "pruning at init", "wasym": "W-Asymmetric",
+                 "sigma_asym": "σ-Asymmetric (FiGLU)"}  # as papers name the variants
 
 
-def variant_label(variant: str, fixed_fraction: float, pruning_fraction: float, schedule: str = "") -> str:
-  """How a paper names a training variant: 'vanilla', 'TNA-PFN (40 % fixed)', 'pruning at init (40 %)';
-  `schedule` (`mask_schedule.Schedule.describe`) follows TNA-PFN's ratio: 'TNA-PFN (60 % fixed, linear to 0 %
-  by 100 % of training)'."""
+def variant_label(variant: str, fixed_fraction: float, pruning_fraction: float, schedule: str = "",
+                  fixed_per_unit: int | None = None) -> str:
+  """How a paper names a training variant: 'vanilla', 'TNA-PFN (40 % fixed)', 'pruning at init (40 %)',
+  'W-Asymmetric (64 fixed per unit)', 'σ-Asymmetric (FiGLU)'; `schedule` (`mask_schedule.Schedule.describe`)
+  follows TNA-PFN's ratio: 'TNA-PFN (60 % fixed, linear to 0 % by 100 % of training)'."""
   return {"tna": f"{VARIANT_NAMES['tna']} ({100 * fixed_fraction:.0f} % fixed{schedule})",
-          "pruning": f"{VARIANT_NAMES['pruning']} ({100 * pruning_fraction:.0f} %)"}.get(variant, variant)
+          "pruning": f"{VARIANT_NAMES['pruning']} ({100 * pruning_fraction:.0f} %)",
+          "wasym": f"{VARIANT_NAMES['wasym']} ({fixed_per_unit} fixed per unit)",
+          "sigma_asym": VARIANT_NAMES["sigma_asym"]}.get(variant, variant)
 
 
-RATIO_KEYS = {"tna": "mask.fixed_fraction", "pruning": "pruning_fraction"}  # the ratio each variant's label names
+# the ratio each variant's label names (0 of it is vanilla)
+RATIO_KEYS = {"tna": "mask.fixed_fraction", "pruning": "pruning_fraction", "wasym": "wasym.fixed_per_unit"}
 SCHEDULE_KEYS = ("mask.schedule", "mask.final_fraction", "mask.schedule_end")  # TNA-PFN's label spells them out too
 AXIS_LABELS = {
     "mask.fixed_fraction": "mask ratio (fraction of entries fixed)",
@@ -94,6 +99,7 @@ AXIS_LABELS = {
     "model.width_multiplier": "width multiplier",
     "model.depth": "depth (hidden layers)",
     "mask.include": "masked layers",
+    "wasym.fixed_per_unit": "W-Asymmetric: entries fixed per unit",
     "mask.granularity": "mask granularity",
     "mask.schedule": "mask ratio schedule (fixed fraction over training)",
     "mask.schedule_end": "fraction of training at which the schedule ends",
