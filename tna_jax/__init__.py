@@ -12,7 +12,8 @@
     tj.barriers(alphas, curve["loss"], curve["accuracy"])
 
 plus alignment (`align`, `weight_matching`, `register_permutation_spec`, `repair`), soups
-(`uniform_soup`, `greedy_soup`), the federated algorithms (`tj.federated`) and
+(`uniform_soup`, `greedy_soup`) and merging operators (`task_arithmetic`, `ties_merge`,
+`dare_merge`, `merge` by name, `Merger` for greedy soups and ColD), the federated algorithms (`tj.federated`) and
 `load_run(workdir)` for a finished run. Each name is the library function itself (see its
 docstring); the submodules stay importable for everything else.
 
@@ -60,6 +61,11 @@ _EXPORTS: dict[str, tuple[str, str]] = {
     # fusion
     "uniform_soup": ("tna_jax.fusion.model_soups", "uniform_soup"),
     "greedy_soup": ("tna_jax.fusion.model_soups", "greedy_soup"),
+    "task_arithmetic": ("tna_jax.fusion.merging", "task_arithmetic"),
+    "ties_merge": ("tna_jax.fusion.merging", "ties"),
+    "dare_merge": ("tna_jax.fusion.merging", "dare"),
+    "merge": ("tna_jax.fusion.merging", "merge"),
+    "Merger": ("tna_jax.fusion.merging", "Merger"),
     # finished runs
     "load_run": ("tna_jax.runs.saved_runs", "load_run"),
 }
