@@ -12,10 +12,11 @@
     tj.barriers(alphas, curve["loss"], curve["accuracy"])
 
 plus alignment (`align`, `weight_matching`, `register_permutation_spec`, `repair`), soups
-(`uniform_soup`, `greedy_soup`), Hugging Face checkpoints (`from_hf`, `to_hf`), the
-federated algorithms (`tj.federated`) and `load_run(workdir)` for a finished run. Each
-name is the library function itself (see its docstring); the submodules stay importable
-for everything else.
+(`uniform_soup`, `greedy_soup`), merging operators (`task_arithmetic`, `ties_merge`,
+`dare_merge`, `merge` by name, `Merger` for greedy soups and ColD), Hugging Face checkpoints
+(`from_hf`, `to_hf`), the federated algorithms (`tj.federated`) and `load_run(workdir)` for a
+finished run. Each name is the library function itself (see its docstring); the submodules
+stay importable for everything else.
 
 Names resolve on first use (PEP 562), so `python -m tna_jax.main --help` and the CLI's
 error paths don't pay for importing JAX models, matching and TensorBoard up front.
@@ -67,6 +68,11 @@ _EXPORTS: dict[str, tuple[str, str]] = {
     # fusion
     "uniform_soup": ("tna_jax.fusion.model_soups", "uniform_soup"),
     "greedy_soup": ("tna_jax.fusion.model_soups", "greedy_soup"),
+    "task_arithmetic": ("tna_jax.fusion.merging", "task_arithmetic"),
+    "ties_merge": ("tna_jax.fusion.merging", "ties"),
+    "dare_merge": ("tna_jax.fusion.merging", "dare"),
+    "merge": ("tna_jax.fusion.merging", "merge"),
+    "Merger": ("tna_jax.fusion.merging", "Merger"),
     # Hugging Face checkpoints in and out
     "from_hf": ("tna_jax.fusion.hf", "from_hf"),
     "to_hf": ("tna_jax.fusion.hf", "to_hf"),

@@ -195,7 +195,7 @@ def test_a_config_without_the_schedule_keys_is_constant_and_gives_today_s_traini
   assert mask_schedule.Schedule.from_config(bare) == mask_schedule.Schedule()
   _, variables, _ = _model_and_data()
   spec = masks.MaskSpec.from_config(config.mask)
-  for variant in masks.TRAINING_VARIANTS:
+  for variant in [v for v in masks.TRAINING_VARIANTS if v != "sigma_asym"]:  # sigma_asym needs its FiGLU MLP
     start = mask_schedule.training_start(variant, variables, spec, 0.4, mask_schedule.Schedule(), STEPS)
     today = masks.training_start(variant, variables, spec, 0.4)
     assert start[2] is None

@@ -121,7 +121,7 @@ def run(config, workdir: str) -> dict[str, Any]:
                  "test": evaluate.make_batches(dataset.test_images, dataset.test_labels, config.eval_batch_size)}
       # Each stack with the mask its operators keep: none for matched models (matching moved their fixed entries).
       souped = {**{v: (stacked[v].variables, fixed[v]) for v in variants},
-                **{v: (a[0], None) for v, a in aligned.items()}}
+                **{v: (a[0], masks.no_mask(base["params"])) for v, a in aligned.items()}}
       methods = schema.values(config, "soup.methods")
       mergers = {name: merging.Merger.from_config(name, config) for name in merging.NAMES}
       results = {"config": config.to_dict(), "hyperparameters": hparams,
@@ -215,7 +215,7 @@ def make_soups(model, stacked: dict, batches: dict, dataset: data.Dataset, metho
   `methods` (`merging.SOUP_METHODS`) and of the best model.
 
   Operators other than uniform merge task vectors against `base` with `mergers[name]`, keeping
-  the entries of `fixed` (or no mask: None). The K models and every soup are evaluated together:
+  the entries of `fixed` (`masks.no_mask`: none). The K models and every soup are evaluated together:
   one compiled call per split.
   """
   k = jax.tree.leaves(stacked)[0].shape[0]

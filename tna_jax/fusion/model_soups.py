@@ -9,7 +9,8 @@ equal in every model and are taken from the base as they are (`masks.keep_fixed`
 
 Models arrive stacked along a leading axis (as `train.fit` trains them), and the greedy
 soup is ONE compiled call: a scan over the sorted models, each step evaluating its
-candidate average on the held-out batches.
+candidate average on the held-out batches. With a `merging.Merger` it is the greedy soup of
+that merging operator (task arithmetic, TIES, DARE) instead of the average.
 
 `per_model_run` lets models with different learning rates and training lengths train in
 one compiled program: each model's multiplier and step budget live in its optimizer state.
