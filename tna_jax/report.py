@@ -71,11 +71,11 @@ def tidy_rows(results: dict[str, Any]) -> list[dict[str, Any]]:
   rows = []
   for row in results["summary"]:
     section = sections.get((row["variant"], row["bn_mode"]), {}) if not row.get("repair") else {}
+    label = reporting.variant_label(row["variant"], config["mask"]["fixed_fraction"], config["pruning_fraction"],
+                                    schedule=mask_schedule.Schedule.from_config(config["mask"]).describe(),
+                                    fixed_per_unit=config.get("wasym", {}).get("fixed_per_unit"))
     rows.append({"variant": row["variant"], "seed": config["init_seed"], "init_seed": config["init_seed"],
-                 "label": reporting.variant_label(row["variant"], config["mask"]["fixed_fraction"],
-                                                  config["pruning_fraction"],
-                                                  mask_schedule.Schedule.from_config(config["mask"]).describe(),
-                                                  fixed_per_unit=config.get("wasym", {}).get("fixed_per_unit")),
+                 "label": label,
                  "curve": row["curve"], **{m: row[m] for m in aggregate.METRICS if m in row},
                  **{m: section[m] for m in aggregate.K_MODEL_METRICS if m in section}})
   return rows

@@ -138,8 +138,8 @@ def test_sigma_asym_shares_every_other_parameter_of_the_init_and_fixes_only_f():
 
 
 def test_labels_read_as_a_paper_names_the_variants():
-  assert reporting.variant_label("wasym", 0.4, 0.4, 64) == "W-Asymmetric (64 fixed per unit)"
-  assert reporting.variant_label("sigma_asym", 0.4, 0.4, 64) == "σ-Asymmetric (FiGLU)"
+  assert reporting.variant_label("wasym", 0.4, 0.4, fixed_per_unit=64) == "W-Asymmetric (64 fixed per unit)"
+  assert reporting.variant_label("sigma_asym", 0.4, 0.4, fixed_per_unit=64) == "σ-Asymmetric (FiGLU)"
 
 
 def test_sweep_plan_trains_sigma_asym_in_its_own_program_and_each_asymmetric_model_once():

@@ -231,7 +231,7 @@ def curve_labels(config, names) -> dict[str, str]:
   for name in names:
     variant, _, rest = name.partition(" ")
     spelled = reporting.variant_label(variant, config.mask.fixed_fraction, config.pruning_fraction,
-                                      mask_schedule.Schedule.from_config(config.mask).describe(),
+                                      schedule=mask_schedule.Schedule.from_config(config.mask).describe(),
                                       fixed_per_unit=config.get("wasym", {}).get("fixed_per_unit"))  # older: none
     labels[name] = f"{spelled} {rest}".strip()
   return labels

@@ -131,7 +131,7 @@ def run(config, workdir: str) -> dict[str, Any]:
       results["variants"][variant]["alignment"] = [alignment_summary(result) for result in matches]
     results["seconds"] = dict(run.seconds)
 
-    pretrained.export(run, config, model, {f"{v}_{name}": variables for v, r in results["variants"].items()
+    pretrained.export(run, config, model, {soup_checkpoint(v, name): variables for v, r in results["variants"].items()
                                            for name, variables in r["soups"].items()})
     rows = summary_rows(results["variants"], methods)
     write_outputs(run, config, results, base, fixed, stacked, aligned)
@@ -208,9 +208,9 @@ def alignment_summary(result: matching.MatchResult) -> dict[str, float]:
   return {**result.summary(), "units_moved": moved}
 
 
-def make_soups(model, stacked: dict, batches: dict, dataset: data.Dataset, methods: Sequence[str] = ("uniform", "greedy"),
-               mergers: dict[str, merging.Merger] | None = None, base: dict | None = None,
-               fixed: dict | None = None) -> dict[str, Any]:
+def make_soups(model, stacked: dict, batches: dict, dataset: data.Dataset,
+               methods: Sequence[str] = ("uniform", "greedy"), mergers: dict[str, merging.Merger] | None = None,
+               base: dict | None = None, fixed: dict | None = None) -> dict[str, Any]:
   """Held-out and test accuracy of every model of the stacked variables, of each soup of
   `methods` (`merging.SOUP_METHODS`) and of the best model.
 
@@ -304,6 +304,11 @@ def model_rows(results: dict) -> list[dict]:
   return rows
 
 
+def soup_checkpoint(variant: str, method: str) -> str:
+  """The name of a soup's checkpoint (and Hugging Face export): 'tna_greedy_ties' for method 'greedy:ties'."""
+  return f"{variant}_{method.replace(':', '_')}"
+
+
 def write_outputs(run: runtime.Run, config, results: dict, base: dict, fixed: dict, stacked: dict,
                   aligned: dict[str, tuple[dict, list[matching.MatchResult]]]) -> None:
   """Checkpoints (base, masks, every model, the soups; when aligned, each matched model's
@@ -316,7 +321,7 @@ def write_outputs(run: runtime.Run, config, results: dict, base: dict, fixed: di
       run.save(f"{variant}_{k}", train.unstack(stacked[variant].variables, k))
   for variant, r in results["variants"].items():
     for name, variables in r.pop("soups").items():
-      run.save(f"{variant}_{name.replace(':', '_')}", variables)
+      run.save(soup_checkpoint(variant, name), variables)
   for variant, (_, matches) in aligned.items():
     run.save(f"{variant}_perms", {str(k): result.perms for k, result in enumerate(matches, start=1)})
   plot_soups(run.path("soup.png"), results["variants"],

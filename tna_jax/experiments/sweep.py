@@ -237,7 +237,7 @@ def measure(run: runtime.Run, config, programs: list[list[Job]], where: dict[str
         measured[identity] = new[identity] = measure_variant(point, model, variant, variables, dataset,
                                                              measurements[p])
       label = reporting.variant_label(variant, point.mask.fixed_fraction, point.pruning_fraction,
-                                      mask_schedule.Schedule.from_config(point.mask).describe(),
+                                      schedule=mask_schedule.Schedule.from_config(point.mask).describe(),
                                       fixed_per_unit=point.wasym.fixed_per_unit)
       unit_rows += [{"point": u // config.sweep.seeds, **overrides, "variant": variant, "label": label, "seed": r,
                      "init_seed": point.init_seed, **row} for row in measured[identity]]

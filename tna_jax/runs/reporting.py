@@ -77,7 +77,7 @@ VARIANT_NAMES = {"tna": "TNA-PFN", "pruning": "pruning at init", "wasym": "W-Asy
                  "sigma_asym": "σ-Asymmetric (FiGLU)"}  # as papers name the variants
 
 
-def variant_label(variant: str, fixed_fraction: float, pruning_fraction: float, schedule: str = "",
+def variant_label(variant: str, fixed_fraction: float, pruning_fraction: float, *, schedule: str = "",
                   fixed_per_unit: int | None = None) -> str:
   """How a paper names a training variant: 'vanilla', 'TNA-PFN (40 % fixed)', 'pruning at init (40 %)',
   'W-Asymmetric (64 fixed per unit)', 'σ-Asymmetric (FiGLU)'; `schedule` (`mask_schedule.Schedule.describe`)
