@@ -7,7 +7,7 @@ import ml_collections
 import pytest
 
 from tna_jax import experiments
-from tna_jax.config import loader, schema
+from tna_jax.config import grid, loader, schema
 from tna_jax.errors import ConfigError
 from tna_jax.runs import workdir
 
@@ -102,3 +102,19 @@ def test_the_keys_that_apply_follow_the_model_and_the_other_keys():
   shown = workdir.flat(schema.applicable(config))
   assert {"model.norm", "model.width_multiplier", "lmc.bn_modes", "matching.solver", "matching.seed"} <= set(shown)
   assert not {"model.depth", "model.width", "matching.batches", "mask.fixed_fraction", "pruning_fraction"} & set(shown)
+
+
+@pytest.mark.parametrize("overrides,match", [
+    # the symmetry-breaking variants build their fixed entries into the library's own from-scratch models
+    ({"variants": "vanilla,wasym", "base.source": "hf", "base.path": "/ckpt"},
+     r"variants wasym build their fixed entries .* base.source='hf' is not supported"),
+    # a schedule releases entries in its own random order, which a magnitude rule would contradict
+    ({"mask.select": "magnitude_small", "mask.schedule": "linear", "base.source": "hf", "base.path": "/ckpt"},
+     r"mask.select='magnitude_small' with mask.schedule='linear'"),
+])
+def test_features_that_do_not_combine_are_refused_by_name(overrides, match):
+  config = loader.defaults("lmc")
+  for key, value in overrides.items():
+    grid.set_value(config, key, value)
+  with pytest.raises(ConfigError, match=match):
+    schema.validate(config)
