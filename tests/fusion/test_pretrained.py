@@ -3,6 +3,7 @@ TNA-PFN mask on the adapters, on a text_files dataset; the fused model back in t
 
 import json
 import os
+import shutil
 import subprocess
 import sys
 
@@ -97,12 +98,16 @@ def test_cold_from_a_checkpoint_keeps_the_frozen_adapter_entries_and_exports_to_
 @pytest.mark.parametrize("case,message", [
     ("no_config", "is not a Hugging Face checkpoint: it has no config.json"),  # before its missing tokenizer
     ("bad_jsonl", "train.jsonl:3: the example has no 'label' field"),
+    ("t5", "has model_type='t5', which is not supported; supported: bert, roberta, gpt2, vit"),
 ])
 def test_bad_checkpoint_or_data_is_one_line_exit_2_and_writes_nothing(checkpoint, tmp_path, case, message):
   data_dir, path = checkpoint
-  if case == "no_config":
-    path = str(tmp_path / "empty")
+  if case in ("no_config", "t5"):
+    path = str(tmp_path / case)
     os.makedirs(path)
+    if case == "t5":  # a checkpoint of an architecture tna_jax does not have
+      shutil.copy(os.path.join(checkpoint[1], "tokenizer.json"), path)
+      (tmp_path / case / "config.json").write_text('{"model_type": "t5"}')
   else:
     data_dir = tmp_path / "data"
     data_dir.mkdir()
