@@ -23,7 +23,8 @@ MAX_LEN = 16
 COLD = ["--config.cold.tasks=0/1,2/3", "--config.cold.unseen_tasks=", "--config.cold.start=0",
         "--config.cold.examples_per_task=64", f"--config.cold.max_len={MAX_LEN}", "--config.batch_size=32",
         "--config.eval_batch_size=128", "--config.num_test=128", "--config.model.lora_rank=2",
-        "--config.mask.fixed_fraction=0.5", "--config.variants=tna"]  # vanilla runs the same code without the mask
+        "--config.mask.fixed_fraction=0.5", "--config.variants=tna",  # vanilla runs the same code without the mask
+        "--config.cold.merge=ties"]  # a merging operator from the command line (uniform is tested in-process)
 
 
 def run_main(workdir, *flags, config="configs/cold_text_files.py:quick"):
@@ -51,6 +52,7 @@ def cold_run(checkpoint, tmp_path_factory):
   workdir = tmp_path_factory.mktemp("cold") / "run"
   result = run_main(workdir, f"--config.data_dir={data_dir}", f"--config.base.path={path}", *COLD)
   assert result.returncode == 0, result.stderr[-3000:]
+  assert "fused by ties" in result.stdout
   return workdir, result
 
 
