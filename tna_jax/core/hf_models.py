@@ -37,7 +37,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from tna_jax.core.transformer_models import LoRADense
+from tna_jax.core.transformer_models import LoRADense, attend
 from tna_jax.errors import ConfigError, check_choice
 
 # HF `hidden_act` / `activation_function` -> the function (transformers.activations).
@@ -99,9 +99,7 @@ class SelfAttention(nn.Module):
     if self.causal:
       length = x.shape[1]
       allowed = allowed & jnp.tril(jnp.ones((length, length), bool))
-    logits = jnp.where(allowed, logits, jnp.finfo(logits.dtype).min)
-    attended = jnp.einsum("bhqk,bkhd->bqhd", jax.nn.softmax(logits, axis=-1), v)
-    return LoRADense((width,), in_dims=2, name="output", **lora)(attended)
+    return LoRADense((width,), in_dims=2, name="output", **lora)(attend(logits, v, allowed))
 
 
 class Mlp(nn.Module):

@@ -75,10 +75,18 @@ class Attention(nn.Module):
     heads = (self.num_heads, width // self.num_heads)
     q, k, v = (LoRADense(heads, name=name, **lora)(x) for name in ("query", "key", "value"))
     logits = jnp.einsum("bqhd,bkhd->bhqk", q, k) / jnp.sqrt(heads[1]).astype(x.dtype)
-    if keep is not None:  # [B, L]: keys that are real tokens
-      logits = jnp.where(keep[:, None, None, :], logits, jnp.finfo(logits.dtype).min)
-    attended = jnp.einsum("bhqk,bkhd->bqhd", jax.nn.softmax(logits, axis=-1), v)
-    return LoRADense((width,), in_dims=2, name="out", **lora)(attended)
+    allowed = None if keep is None else keep[:, None, None, :]  # [B, L]: keys that are real tokens
+    return LoRADense((width,), in_dims=2, name="out", **lora)(attend(logits, v, allowed))
+
+
+def attend(logits: jax.Array, v: jax.Array, allowed: jax.Array | None) -> jax.Array:
+  """Softmax attention of logits [B, H, Lq, Lk] over values [B, Lk, H, D] -> [B, Lq, H, D]; keys
+  where `allowed` (broadcast to the logits) is False get no weight. Shared by this module's
+  encoder and the Hugging Face models (`hf_models`), which differ only in how they scale and
+  mask the logits."""
+  if allowed is not None:
+    logits = jnp.where(allowed, logits, jnp.finfo(logits.dtype).min)
+  return jnp.einsum("bhqk,bkhd->bqhd", jax.nn.softmax(logits, axis=-1), v)
 
 
 class EncoderBlock(nn.Module):
